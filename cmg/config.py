@@ -1,0 +1,581 @@
+"""The deployment configuration: one TOML file, read into typed, frozen configs.
+
+The file describes a deployment the way the console's "Create Cloud Management
+Gateway" wizard and the site's role settings do: service name, instances, TLS policy,
+trusted client roots, the site code and its published roles with their role ids.
+Every component reads its own part (``deployment.gateway(i)``,
+``deployment.connection_point(name)``, ``deployment.site``). An unknown key or a bad
+value raises :class:`ConfigError` naming it; no file at all gives a working loopback
+deployment.
+
+Relative paths in the file are relative to the deployment directory (the folder that
+holds the file, or the ``--dir`` given to ``cmg up``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ROLE_ID_BASE = 2**56
+MAX_INSTANCES = 16
+
+DEFAULT_SERVICE_NAME = "GraniteFalls.WestUS.CloudApp.Azure.Com"
+DEFAULT_SITE_CODE = "PS1"
+ROLE_KINDS = ("MP", "SUP", "DP", "AdminService")
+
+
+class ConfigError(ValueError):
+    """A deployment file names an unknown key or holds a bad value."""
+
+
+# --- the parts each component reads ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class TunnelLimits:
+    """Limits of the tunnel protocol; both ends read the same values."""
+
+    max_frame_size: int = 64 * 1024
+    max_concurrent_streams: int = 1024
+    max_header_size: int = 64 * 1024
+    stream_window: int = 1024 * 1024
+    tunnel_window: int = 8 * 1024 * 1024
+    ping_interval: float = 10.0
+    ping_timeout: float = 30.0
+    open_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """A site role published through the CMG (an MP, a SUP, a DP)."""
+
+    role_id: int
+    kind: str
+    name: str
+    internal_url: str
+    # Path prefixes (first segment of the internal path) this role publishes.
+    endpoints: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """Where the deployment's certificates live (all paths absolute)."""
+
+    certs_dir: Path
+    server_certificate: Path  # .pfx/.p12 or .pem
+    server_key: Path | None  # PEM key when server_certificate is a PEM without its key
+    server_pfx_password_file: Path | None
+    ca_bundle: Path  # the root a client trusts for the server certificate
+    trusted_client_roots: tuple[Path, ...]
+    connection_point_ca: Path  # the site's CA, the only issuer accepted for tunnels
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """One gateway instance (a VM of the CMG's scale set)."""
+
+    service_name: str
+    site_code: str
+    instance: int
+    instances: int
+    bind: str
+    client_port: int
+    tunnel_port: int
+    enforce_tls12: bool
+    tls: TLSFiles
+    logs_dir: Path
+    log_format: str
+    limits: TunnelLimits
+    max_request_body: int
+    drain_timeout: float
+    traffic_summary_interval: float
+
+
+@dataclass(frozen=True)
+class ConnectionPointConfig:
+    """One CMG connection point (the on-prem connector)."""
+
+    name: str
+    site_code: str
+    service_name: str
+    gateway_host: str
+    tunnel_ports: tuple[int, ...]
+    certificate: Path
+    key: Path
+    ca_bundle: Path  # trusts the CMG's server certificate
+    roles: tuple[RoleConfig, ...]
+    logs_dir: Path
+    log_format: str
+    limits: TunnelLimits
+    reconnect_min: float
+    reconnect_max: float
+    pool_size: int
+    drain_timeout: float
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """The mock on-prem site: MP, SUP and DP, each on its own loopback port."""
+
+    site_code: str
+    service_name: str
+    client_port: int
+    bind: str
+    mp_port: int
+    sup_port: int
+    dp_port: int
+    roles: tuple[RoleConfig, ...]
+    data_dir: Path
+    logs_dir: Path
+    log_format: str
+
+
+# --- the file's schema ------------------------------------------------------------
+
+DEFAULT_MP_ENDPOINTS = (
+    "CCM_System", "ccm_system_tokenauth", "CCM_STS", "CCM_Client", "CCM_Incoming", "SMS_MP", "BGB",
+)
+DEFAULT_SUP_ENDPOINTS = ("ClientWebService", "SimpleAuthWebService", "ReportingWebService")
+DEFAULT_DP_ENDPOINTS = ("SMS_DP_SMSPKG$", "downloadrestservice.svc")
+DEFAULT_ENDPOINTS = {
+    "MP": DEFAULT_MP_ENDPOINTS,
+    "SUP": DEFAULT_SUP_ENDPOINTS,
+    "DP": DEFAULT_DP_ENDPOINTS,
+    "AdminService": ("AdminService",),
+}
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "service": {
+        "name": str,
+        "instances": int,
+        "bind": str,
+        "client_port": int,
+        "tunnel_base_port": int,
+        "enforce_tls12": bool,
+        "max_request_body": int,
+        "drain_timeout": (int, float),
+        "traffic_summary_interval": (int, float),
+    },
+    "certificates": {
+        "dir": str,
+        "server_certificate": str,
+        "server_key": str,
+        "server_pfx_password_file": str,
+        "ca_bundle": str,
+        "trusted_client_roots": list,
+        "connection_point_ca": str,
+    },
+    "site": {
+        "code": str,
+        "bind": str,
+        "mp_port": int,
+        "sup_port": int,
+        "dp_port": int,
+        "data_dir": str,
+        "roles": list,
+    },
+    "connection_point": {
+        "names": list,
+        "reconnect_min": (int, float),
+        "reconnect_max": (int, float),
+        "pool_size": int,
+        "drain_timeout": (int, float),
+    },
+    "tunnel": {f.name: (int, float) if f.type == "float" else int
+               for f in dataclasses.fields(TunnelLimits)},
+    "logging": {"dir": str, "format": str},
+}
+_ROLE_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "role_id": int, "kind": str, "name": str, "internal_url": str, "endpoints": list,
+}
+
+_SERVICE_NAME_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+_SITE_CODE_RE = re.compile(r"^[A-Za-z0-9]{3}$")
+_CONNECTOR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _check_keys(where: str, table: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            raise ConfigError(f"unknown key '{where}.{key}' (known keys: {known})")
+        expected = schema[key]
+        # bool is an int in Python: never accept one where a number is meant.
+        if isinstance(value, bool) and expected is not bool:
+            raise ConfigError(f"'{where}.{key}' must be {_type_name(expected)}, not a boolean")
+        if not isinstance(value, expected):
+            raise ConfigError(
+                f"'{where}.{key}' must be {_type_name(expected)}, not {type(value).__name__} ({value!r})"
+            )
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return "a number"
+    return {str: "a string", int: "an integer", bool: "true or false", list: "a list"}.get(
+        t, t.__name__
+    )
+
+
+def _port(where: str, value: int, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise ConfigError(f"'{where}' must be a TCP port ({low}-65535), not {value}")
+    return value
+
+
+def _positive(where: str, value: float) -> float:
+    if value <= 0:
+        raise ConfigError(f"'{where}' must be greater than 0, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The whole deployment, as read from the file (or the defaults)."""
+
+    base_dir: Path
+    service_name: str = DEFAULT_SERVICE_NAME
+    instances: int = 1
+    bind: str = "127.0.0.1"
+    client_port: int = 443
+    tunnel_base_port: int = 10124
+    enforce_tls12: bool = True
+    max_request_body: int = 16 * 1024**3
+    drain_timeout: float = 30.0
+    traffic_summary_interval: float = 300.0
+    certs: Mapping[str, Any] = field(default_factory=dict)
+    site_code: str = DEFAULT_SITE_CODE
+    site_bind: str = "127.0.0.1"
+    mp_port: int = 8003
+    sup_port: int = 8530
+    dp_port: int = 8004
+    data_dir: str = "data"
+    roles: tuple[RoleConfig, ...] = ()
+    connection_point_names: tuple[str, ...] = ("CMGCP01",)
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    pool_size: int = 100
+    cp_drain_timeout: float = 30.0
+    limits: TunnelLimits = TunnelLimits()
+    logs_dir: str = "logs"
+    log_format: str = "cmtrace"
+
+    # --- derived parts, one per component ---
+
+    def path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.path(self.certs.get("dir", "certs"))
+
+    def tls_files(self) -> TLSFiles:
+        c = self.certs
+        d = self.certs_dir
+
+        def inside(key: str, default: str) -> Path:
+            value = c.get(key, default)
+            p = Path(value)
+            return p if p.is_absolute() else d / p
+
+        server = inside("server_certificate", "cmg-server.pfx")
+        key = c.get("server_key")
+        password = c.get("server_pfx_password_file")
+        if password is None and server.suffix.lower() in (".pfx", ".p12"):
+            password = server.name + ".password"
+        return TLSFiles(
+            certs_dir=d,
+            server_certificate=server,
+            server_key=inside("server_key", key) if key else None,
+            server_pfx_password_file=inside("server_pfx_password_file", password) if password else None,
+            ca_bundle=inside("ca_bundle", "root-ca.pem"),
+            trusted_client_roots=tuple(
+                (Path(p) if Path(p).is_absolute() else d / p)
+                for p in c.get("trusted_client_roots", ["root-ca.pem"])
+            ),
+            connection_point_ca=inside("connection_point_ca", "site-ca.pem"),
+        )
+
+    def tunnel_port(self, instance: int) -> int:
+        return self.tunnel_base_port + instance
+
+    def gateway(self, instance: int) -> GatewayConfig:
+        if not 0 <= instance < self.instances:
+            raise ConfigError(
+                f"gateway instance {instance} does not exist (service.instances = {self.instances})"
+            )
+        return GatewayConfig(
+            service_name=self.service_name,
+            site_code=self.site_code,
+            instance=instance,
+            instances=self.instances,
+            bind=self.bind,
+            client_port=self.client_port,
+            tunnel_port=self.tunnel_port(instance),
+            enforce_tls12=self.enforce_tls12,
+            tls=self.tls_files(),
+            logs_dir=self.path(self.logs_dir),
+            log_format=self.log_format,
+            limits=self.limits,
+            max_request_body=self.max_request_body,
+            drain_timeout=self.drain_timeout,
+            traffic_summary_interval=self.traffic_summary_interval,
+        )
+
+    def connection_point(self, name: str) -> ConnectionPointConfig:
+        if name not in self.connection_point_names:
+            known = ", ".join(self.connection_point_names)
+            raise ConfigError(f"connection point '{name}' is not in connection_point.names ({known})")
+        d = self.certs_dir
+        host = self.bind if self.bind not in ("0.0.0.0", "::") else "127.0.0.1"
+        return ConnectionPointConfig(
+            name=name,
+            site_code=self.site_code,
+            service_name=self.service_name,
+            gateway_host=host,
+            tunnel_ports=tuple(self.tunnel_port(i) for i in range(self.instances)),
+            certificate=d / f"connection-point-{name}.pem",
+            key=d / f"connection-point-{name}.key",
+            ca_bundle=self.tls_files().ca_bundle,
+            roles=self.roles,
+            logs_dir=self.path(self.logs_dir),
+            log_format=self.log_format,
+            limits=self.limits,
+            reconnect_min=self.reconnect_min,
+            reconnect_max=self.reconnect_max,
+            pool_size=self.pool_size,
+            drain_timeout=self.cp_drain_timeout,
+        )
+
+    @property
+    def site(self) -> SiteConfig:
+        return SiteConfig(
+            site_code=self.site_code,
+            service_name=self.service_name,
+            client_port=self.client_port,
+            bind=self.site_bind,
+            mp_port=self.mp_port,
+            sup_port=self.sup_port,
+            dp_port=self.dp_port,
+            roles=self.roles,
+            data_dir=self.path(self.data_dir),
+            logs_dir=self.path(self.logs_dir),
+            log_format=self.log_format,
+        )
+
+    def role(self, kind: str) -> RoleConfig:
+        for r in self.roles:
+            if r.kind == kind:
+                return r
+        raise ConfigError(f"the deployment publishes no {kind} role")
+
+
+def default_roles(site_bind: str, mp_port: int, sup_port: int, dp_port: int) -> tuple[RoleConfig, ...]:
+    """The site's roles when the file names none: one MP, one SUP, one DP on loopback."""
+    host = site_bind if site_bind not in ("0.0.0.0", "::") else "127.0.0.1"
+    return (
+        RoleConfig(ROLE_ID_BASE + 3, "MP", "MP01", f"http://{host}:{mp_port}", DEFAULT_MP_ENDPOINTS),
+        RoleConfig(ROLE_ID_BASE + 4, "SUP", "SUP01", f"http://{host}:{sup_port}", DEFAULT_SUP_ENDPOINTS),
+        RoleConfig(ROLE_ID_BASE + 6, "DP", "DP01", f"http://{host}:{dp_port}", DEFAULT_DP_ENDPOINTS),
+    )
+
+
+def load(path: Path | str | None, base_dir: Path | str | None = None,
+         overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Deployment:
+    """Read a deployment file (or none) into a :class:`Deployment`.
+
+    ``overrides`` are tables merged over the file's (as ``cmg up --port`` does).
+    Raises :class:`ConfigError` on an unknown key, a wrong type or a bad value, and
+    when the file cannot be read or is not valid TOML.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        data = read_file(p)
+        if base_dir is None:
+            base_dir = p.resolve().parent
+    for table, values in (overrides or {}).items():
+        data.setdefault(table, {}).update(values)
+    return from_dict(data, Path(base_dir or ".").resolve())
+
+
+def read_file(p: Path) -> dict[str, Any]:
+    """The raw tables of a deployment file: TOML, or JSON (the launcher's resolved copy)."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"deployment file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read deployment file {p}: {exc.strerror}") from None
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"deployment file {p} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"deployment file {p} must hold an object of tables")
+        return data
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"deployment file {p} is not valid TOML: {exc}") from None
+
+
+def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
+    """Validate a parsed deployment file; raises :class:`ConfigError`."""
+    for table, value in data.items():
+        if table not in _SCHEMA:
+            raise ConfigError(f"unknown table '[{table}]' (known tables: {', '.join(sorted(_SCHEMA))})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{table}' must be a table")
+        _check_keys(table, value, _SCHEMA[table])
+
+    service = data.get("service", {})
+    certs = data.get("certificates", {})
+    site = data.get("site", {})
+    cp = data.get("connection_point", {})
+    tunnel = data.get("tunnel", {})
+    logging_ = data.get("logging", {})
+    kw: dict[str, Any] = {"base_dir": base_dir}
+
+    name = service.get("name", DEFAULT_SERVICE_NAME)
+    if not _SERVICE_NAME_RE.match(name) or ".." in name:
+        raise ConfigError(f"'service.name' must be a DNS name such as {DEFAULT_SERVICE_NAME}, not {name!r}")
+    kw["service_name"] = name
+    instances = service.get("instances", 1)
+    if not 1 <= instances <= MAX_INSTANCES:
+        raise ConfigError(f"'service.instances' must be 1 to {MAX_INSTANCES}, not {instances}")
+    kw["instances"] = instances
+    for key in ("bind",):
+        if key in service:
+            kw["bind"] = _address(f"service.{key}", service[key])
+    if "client_port" in service:
+        kw["client_port"] = _port("service.client_port", service["client_port"])
+    if "tunnel_base_port" in service:
+        base = _port("service.tunnel_base_port", service["tunnel_base_port"])
+        if base + instances - 1 > 65535:
+            raise ConfigError(f"'service.tunnel_base_port' {base} leaves no port for instance {instances - 1}")
+        kw["tunnel_base_port"] = base
+    if "enforce_tls12" in service:
+        kw["enforce_tls12"] = service["enforce_tls12"]
+    if "max_request_body" in service:
+        kw["max_request_body"] = int(_positive("service.max_request_body", service["max_request_body"]))
+    for key in ("drain_timeout", "traffic_summary_interval"):
+        if key in service:
+            kw[key] = float(_positive(f"service.{key}", service[key]))
+
+    roots = certs.get("trusted_client_roots")
+    if roots is not None and (not roots or not all(isinstance(r, str) for r in roots)):
+        raise ConfigError("'certificates.trusted_client_roots' must be a non-empty list of file names")
+    kw["certs"] = dict(certs)
+
+    code = site.get("code", DEFAULT_SITE_CODE)
+    if not _SITE_CODE_RE.match(code):
+        raise ConfigError(f"'site.code' must be three letters or digits, such as PS1, not {code!r}")
+    kw["site_code"] = code.upper()
+    site_bind = _address("site.bind", site.get("bind", "127.0.0.1"))
+    kw["site_bind"] = site_bind
+    ports = {}
+    for key, default in (("mp_port", 8003), ("sup_port", 8530), ("dp_port", 8004)):
+        ports[key] = _port(f"site.{key}", site.get(key, default), allow_zero=True)
+        kw[key] = ports[key]
+    if "data_dir" in site:
+        kw["data_dir"] = site["data_dir"]
+    if "roles" in site:
+        kw["roles"] = _roles(site["roles"])
+    else:
+        kw["roles"] = default_roles(site_bind, ports["mp_port"], ports["sup_port"], ports["dp_port"])
+
+    if "names" in cp:
+        names = cp["names"]
+        if not names or not all(isinstance(n, str) and _CONNECTOR_NAME_RE.match(n) for n in names):
+            raise ConfigError(
+                "'connection_point.names' must be a non-empty list of names (letters, digits, . _ -)"
+            )
+        if len(set(names)) != len(names):
+            raise ConfigError("'connection_point.names' lists a name twice")
+        kw["connection_point_names"] = tuple(names)
+    for key, attr in (("reconnect_min", "reconnect_min"), ("reconnect_max", "reconnect_max"),
+                      ("drain_timeout", "cp_drain_timeout")):
+        if key in cp:
+            kw[attr] = float(_positive(f"connection_point.{key}", cp[key]))
+    if kw.get("reconnect_min", 0.5) > kw.get("reconnect_max", 30.0):
+        raise ConfigError("'connection_point.reconnect_min' is greater than 'connection_point.reconnect_max'")
+    if "pool_size" in cp:
+        kw["pool_size"] = int(_positive("connection_point.pool_size", cp["pool_size"]))
+
+    limits = {}
+    for key, value in tunnel.items():
+        limits[key] = _positive(f"tunnel.{key}", value)
+    if limits:
+        kw["limits"] = TunnelLimits(**limits)
+    lim = kw.get("limits", TunnelLimits())
+    if not 1024 <= lim.max_frame_size <= 16 * 1024 * 1024:
+        raise ConfigError(f"'tunnel.max_frame_size' must be 1024 to 16777216, not {lim.max_frame_size}")
+    if lim.stream_window > lim.tunnel_window:
+        raise ConfigError("'tunnel.stream_window' is greater than 'tunnel.tunnel_window'")
+    if lim.ping_timeout <= lim.ping_interval:
+        raise ConfigError("'tunnel.ping_timeout' must be greater than 'tunnel.ping_interval'")
+
+    if "dir" in logging_:
+        kw["logs_dir"] = logging_["dir"]
+    fmt = logging_.get("format", "cmtrace")
+    if fmt not in ("cmtrace", "json"):
+        raise ConfigError(f"'logging.format' must be 'cmtrace' or 'json', not {fmt!r}")
+    kw["log_format"] = fmt
+    return Deployment(**kw)
+
+
+def _address(where: str, value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if value != "localhost":
+            raise ConfigError(f"'{where}' must be an IP address, not {value!r}") from None
+    return value
+
+
+def _roles(raw: list[Any]) -> tuple[RoleConfig, ...]:
+    if not raw:
+        raise ConfigError("'site.roles' must list at least one role")
+    roles: list[RoleConfig] = []
+    seen: set[int] = set()
+    for i, r in enumerate(raw):
+        where = f"site.roles[{i}]"
+        if not isinstance(r, dict):
+            raise ConfigError(f"'{where}' must be a table")
+        _check_keys(where, r, _ROLE_SCHEMA)
+        for key in ("role_id", "kind", "internal_url"):
+            if key not in r:
+                raise ConfigError(f"'{where}.{key}' is missing")
+        role_id = r["role_id"]
+        if not ROLE_ID_BASE < role_id < 2 * ROLE_ID_BASE:
+            raise ConfigError(
+                f"'{where}.role_id' must be 2^56 + n, such as {ROLE_ID_BASE + 3}, not {role_id}"
+            )
+        if role_id in seen:
+            raise ConfigError(f"'{where}.role_id' {role_id} is used by another role")
+        seen.add(role_id)
+        kind = r["kind"]
+        if kind not in ROLE_KINDS:
+            raise ConfigError(f"'{where}.kind' must be one of {', '.join(ROLE_KINDS)}, not {kind!r}")
+        url = r["internal_url"]
+        if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", url):
+            raise ConfigError(f"'{where}.internal_url' must be an http(s) URL, not {url!r}")
+        endpoints = r.get("endpoints", list(DEFAULT_ENDPOINTS[kind]))
+        if not endpoints or not all(isinstance(e, str) and e and "/" not in e for e in endpoints):
+            raise ConfigError(f"'{where}.endpoints' must be a non-empty list of path segments")
+        roles.append(RoleConfig(role_id, kind, r.get("name", f"{kind}{i + 1:02d}"),
+                                url.rstrip("/"), tuple(endpoints)))
+    return tuple(roles)

@@ -1,0 +1,115 @@
+"""One gateway instance: its client listener, its tunnel endpoint, its lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from aiohttp import web
+
+from cmg.cmtrace import open_log
+from cmg.config import GatewayConfig
+
+from .client_auth import ClientCertificateVerifier
+from .proxy import ClientRequestHandler
+from .routing import Routes
+from .service_log import TrafficSummary
+from .tls import StartupError, check_service_name, client_context, load_certificates, load_server_identity, tunnel_context
+from .tls_transport import TLSServerProtocol
+from .tunnel_endpoint import TunnelEndpoint
+
+
+def client_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """The client listener's socket; instances on one host share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+class GatewayInstance:
+    """A CMG VM instance: TLS on the client port, tunnels on its own port."""
+
+    def __init__(self, config: GatewayConfig, echo: bool = False) -> None:
+        self.config = config
+        suffix = f"_IN_{config.instance}" if config.instances > 1 else ""
+        self.log = open_log(f"gateway.{config.instance}", config.logs_dir / f"CMGService{suffix}.log",
+                            "CMGService", config.log_format, echo=echo)
+        self.routes = Routes()
+        self._server: asyncio.AbstractServer | None = None
+        self._web: web.Server | None = None
+        self._summary_task: asyncio.Task[None] | None = None
+        self.summary = TrafficSummary(self.log)
+        self.tunnels: TunnelEndpoint | None = None
+        self.handler: ClientRequestHandler | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        identity = load_server_identity(cfg.tls)
+        check_service_name(identity, cfg.service_name)
+        roots = load_certificates(cfg.tls.trusted_client_roots)
+        verifier = ClientCertificateVerifier(roots)
+        ctx = client_context(identity, roots, cfg.enforce_tls12)
+
+        self.tunnels = TunnelEndpoint(cfg, self.routes, tunnel_context(cfg.tls), self.log)
+        await self.tunnels.start()
+
+        self.handler = ClientRequestHandler(cfg, self.routes, verifier, self.summary, self.log)
+        self._web = web.Server(self.handler, access_log=None, keepalive_timeout=120,
+                               max_field_size=16384, max_line_size=16384)
+        sock = client_socket(cfg.bind, cfg.client_port, reuse_port=True)
+        loop = asyncio.get_running_loop()
+        web_server = self._web
+        self._server = await loop.create_server(
+            lambda: TLSServerProtocol(ctx, web_server), sock=sock)
+        self._summary_task = asyncio.ensure_future(self._summaries())
+        self.log.info(
+            "CMG %s instance %s started: clients on %s:%d (TLS %s), tunnels on %s:%d",
+            cfg.service_name, self.tunnels.instance_name, cfg.bind, self.client_port,
+            "1.2 minimum" if cfg.enforce_tls12 else "1.0 minimum", cfg.bind, self.tunnels.port,
+        )
+
+    @property
+    def client_port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _summaries(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.traffic_summary_interval)
+            self.summary.flush()
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop taking clients; let in-flight requests finish (up to the drain timeout)."""
+        cfg = self.config
+        if self._server is not None:
+            self._server.close()
+        if drain and self.handler is not None and self.handler.in_flight:
+            self.log.info("Draining %d in-flight requests (up to %.0f s)", self.handler.in_flight,
+                          cfg.drain_timeout)
+            if self.tunnels is not None:
+                await self.tunnels.drain()
+            try:
+                await asyncio.wait_for(self.handler.idle.wait(), cfg.drain_timeout)
+            except asyncio.TimeoutError:
+                self.log.warning("Drain timeout: %d requests still in flight", self.handler.in_flight)
+        if self._web is not None:
+            await self._web.shutdown(timeout=1.0)
+        if self.tunnels is not None:
+            await self.tunnels.close()
+        if self._summary_task is not None:
+            self._summary_task.cancel()
+        self.summary.flush()
+        self.log.info("CMG instance %d stopped", cfg.instance)
+        for h in list(self.log.handlers):
+            h.flush()

@@ -1,0 +1,296 @@
+"""The client-facing request handler: authenticate, filter, stream through a tunnel.
+
+One request: parse the CMG path, authenticate the client by the method the path
+demands, check the role and endpoint against what connected connection points
+publish, open a stream on the next connection point's tunnel (round-robin), and
+pump the bodies both ways under the tunnel's flow control. Nothing unauthenticated
+or unpublished is ever written to a tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from xml.sax.saxutils import escape
+
+from aiohttp import web
+
+from cmg.config import GatewayConfig
+from tunnel import (
+    DrainingError,
+    ErrorCode,
+    StreamResetError,
+    TooManyStreamsError,
+    TunnelClosedError,
+    TunnelStream,
+)
+
+from . import errors
+from .client_auth import ClientCertificateCheck, ClientCertificateVerifier, ClientIdentity, Verdict
+from cmg.paths import Channel, ClientPath, parse_client_path
+from .routing import ConnectorLink, Routes
+from .service_log import TrafficSummary
+
+# Headers that belong to one hop and never cross the tunnel.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"host", b"proxy-connection",
+})
+# The gateway's own headers to the site: a client can never set them itself.
+IDENTITY_PREFIX = b"x-cmg-"
+HDR_THUMBPRINT = b"X-CMG-Client-Certificate-Thumbprint"
+HDR_SUBJECT = b"X-CMG-Client-Certificate-Subject"
+HDR_AUTH = b"X-CMG-Client-Auth"
+HDR_MESSAGE_ID = b"X-CMG-Message-Id"
+HDR_CLIENT_IP = b"X-CMG-Client-IP"
+
+CHECK_KEY = "cmg_client_check"
+
+
+class ClientRequestHandler:
+    """aiohttp's low-level server calls this once per client request."""
+
+    def __init__(self, config: GatewayConfig, routes: Routes, verifier: ClientCertificateVerifier,
+                 summary: TrafficSummary, log: logging.Logger) -> None:
+        self._config = config
+        self._routes = routes
+        self._verifier = verifier
+        self._summary = summary
+        self._log = log
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._instance_name = f"ProxyService_IN_{config.instance}"
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.in_flight += 1
+        self.idle.clear()
+        start = time.monotonic()
+        try:
+            return await self._handle(request, start)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+    async def _handle(self, request: web.BaseRequest, start: float) -> web.StreamResponse:
+        raw_path = request.raw_path
+        cp = parse_client_path(raw_path)
+        if cp is None:
+            return self._refuse(request, errors.ENDPOINT_NOT_FOUND, "not a CMG path")
+
+        identity: ClientIdentity | None = None
+        if cp.channel is Channel.MUTUAL_AUTH:
+            check = self._client_check(request)
+            if check.verdict is Verdict.NO_CERTIFICATE:
+                return self._refuse(request, errors.CLIENT_CERTIFICATE_REQUIRED, check.reason)
+            if check.verdict is Verdict.REJECTED:
+                return self._refuse(request, errors.FORBIDDEN, check.reason)
+            identity = check.identity
+        elif not (cp.role_id is None and cp.resource.lower() == "servicemetadata"):
+            # Token authentication (Entra ID, CCM and site tokens) is not built yet:
+            # until it is, nothing on the ServerAuth channel may reach a tunnel.
+            if request.headers.get("Authorization", "").lower().startswith("bearer "):
+                return self._refuse(request, errors.INVALID_TOKEN, "bearer tokens are not accepted yet")
+            return self._refuse(request, errors.UNAUTHORIZED, "no bearer token on a ServerAuth path")
+
+        if cp.role_id is None:
+            if cp.resource.lower() == "servicemetadata" and request.method in ("GET", "HEAD"):
+                return self._service_metadata(cp)
+            return self._refuse(request, errors.ENDPOINT_NOT_FOUND, f"no role id in {raw_path[:200]}")
+        if cp.malformed:
+            return self._refuse(request, errors.BAD_REQUEST, "dot segments or backslashes in the path")
+
+        if not self._routes.is_known(cp.role_id, cp.resource):
+            if not self._routes.ever_connected:
+                return self._refuse(request, errors.SERVICE_UNAVAILABLE,
+                                    "no connection point has connected to this instance yet")
+            return self._refuse(request, errors.ENDPOINT_NOT_FOUND,
+                                f"role {cp.role_id} endpoint '{cp.resource}' is not published")
+
+        length = request.content_length
+        if length is not None and length > self._config.max_request_body:
+            return self._refuse(request, errors.REQUEST_TOO_LARGE,
+                                f"Content-Length {length} is over {self._config.max_request_body}")
+        return await self._forward(request, cp, identity, start)
+
+    # --- authentication ---
+
+    def _client_check(self, request: web.BaseRequest) -> ClientCertificateCheck:
+        transport = request.transport
+        if transport is None:
+            return ClientCertificateCheck(Verdict.NO_CERTIFICATE, reason="connection closed")
+        check: ClientCertificateCheck | None = transport.get_extra_info(CHECK_KEY)
+        if check is None:
+            chain = transport.get_extra_info("peercert_chain") or ()
+            check = self._verifier.check(chain)
+            set_extra = getattr(transport, "set_extra", None)
+            if set_extra is not None:
+                set_extra(CHECK_KEY, check)
+        return check
+
+    # --- forwarding ---
+
+    def _request_headers(self, request: web.BaseRequest, identity: ClientIdentity | None,
+                         message_id: str) -> list[tuple[bytes, bytes]]:
+        connection_tokens = {
+            t.strip().lower().encode("latin-1")
+            for t in request.headers.get("Connection", "").split(",") if t.strip()
+        }
+        headers = [
+            (k, v) for k, v in request.raw_headers
+            if (lk := k.lower()) not in HOP_BY_HOP and lk not in connection_tokens
+            and not lk.startswith(IDENTITY_PREFIX)
+        ]
+        headers.append((HDR_MESSAGE_ID, message_id.encode()))
+        peer = request.remote
+        if peer:
+            headers.append((HDR_CLIENT_IP, peer.encode("latin-1")))
+        if identity is not None:
+            headers.append((HDR_AUTH, b"MutualAuth"))
+            headers.append((HDR_THUMBPRINT, identity.thumbprint.encode()))
+            headers.append((HDR_SUBJECT, identity.subject.encode("utf-8", "replace")))
+        return headers
+
+    async def _forward(self, request: web.BaseRequest, cp: ClientPath,
+                       identity: ClientIdentity | None, start: float) -> web.StreamResponse:
+        assert cp.role_id is not None
+        message_id = "{" + str(uuid.uuid4()).upper() + "}"
+        headers = self._request_headers(request, identity, message_id)
+        has_body = request.body_exists
+        target = request.raw_path
+        stream: TunnelStream | None = None
+        link: ConnectorLink | None = None
+        for candidate in self._routes.candidates(cp.role_id):
+            try:
+                stream = await candidate.session.open_stream(
+                    request.method, target, headers, end_stream=not has_body)
+            except (DrainingError, TooManyStreamsError, TunnelClosedError) as exc:
+                self._log.info("Connection point %s cannot take message %s: %s",
+                               candidate.name, message_id, exc.__class__.__name__)
+                continue
+            if not has_body:
+                # A request without a body that the connector refused unprocessed
+                # (REFUSED_STREAM, e.g. it began draining) can go to the next one.
+                try:
+                    head = await stream.response()
+                except StreamResetError as exc:
+                    if exc.code is ErrorCode.REFUSED_STREAM:
+                        self._log.info("Connection point %s refused message %s; trying the next",
+                                       candidate.name, message_id)
+                        stream = None
+                        continue
+                    return self._failed(request, cp, start, errors.BAD_GATEWAY,
+                                        f"message {message_id} reset by {candidate.name}: {exc}")
+                except TunnelClosedError:
+                    return self._failed(request, cp, start, errors.BAD_GATEWAY,
+                                        f"tunnel to {candidate.name} closed during message {message_id}")
+                link = candidate
+                return await self._relay(request, cp, link, stream, None, head, start, 0)
+            link = candidate
+            break
+        if stream is None or link is None:
+            return self._refuse(request, errors.SERVICE_UNAVAILABLE,
+                                f"no connection point can take role {cp.role_id} now")
+
+        link.active_requests += 1
+        link.total_requests += 1
+        sent = [0]
+        upload = asyncio.ensure_future(self._pump_request(request, stream, sent))
+        try:
+            head = await stream.response()
+        except (StreamResetError, TunnelClosedError) as exc:
+            upload.cancel()
+            link.active_requests -= 1
+            return self._failed(request, cp, start, errors.BAD_GATEWAY,
+                                f"message {message_id} to {link.name} failed after {sent[0]} request bytes: {exc}")
+        except BaseException:
+            upload.cancel()
+            stream.reset(ErrorCode.CANCEL, "client went away")
+            link.active_requests -= 1
+            raise
+        link.active_requests -= 1
+        return await self._relay(request, cp, link, stream, upload, head, start, sent)
+
+    async def _relay(self, request: web.BaseRequest, cp: ClientPath, link: ConnectorLink,
+                     stream: TunnelStream, upload: asyncio.Future[None] | None, head: object,
+                     start: float, sent: list[int] | int) -> web.StreamResponse:
+        resp = web.StreamResponse(status=head.status, reason=head.reason)  # type: ignore[attr-defined]
+        for k, v in head.headers:  # type: ignore[attr-defined]
+            if k.lower() not in HOP_BY_HOP:
+                resp.headers.add(k.decode("latin-1"), v.decode("latin-1"))
+        received = 0
+        try:
+            await resp.prepare(request)
+            while True:
+                chunk = await stream.read()
+                if not chunk:
+                    break
+                received += len(chunk)
+                await resp.write(chunk)
+            await resp.write_eof()
+        except (StreamResetError, TunnelClosedError) as exc:
+            # The head is gone already: cut the client off so a truncated body is never
+            # taken for a complete one.
+            self._log.warning("Response for %s from %s broke after %d bytes: %s",
+                              cp.internal.partition("?")[0], link.name, received, exc)
+            self._abort(request)
+        except (ConnectionError, asyncio.CancelledError):
+            stream.reset(ErrorCode.CANCEL, "client went away")
+            raise
+        finally:
+            if upload is not None and not upload.done():
+                upload.cancel()
+                stream.reset(ErrorCode.CANCEL, "response complete before the request body")
+        nsent = sent[0] if isinstance(sent, list) else sent
+        self._summary.record(request.path, nsent, received, (time.monotonic() - start) * 1000)
+        return resp
+
+    async def _pump_request(self, request: web.BaseRequest, stream: TunnelStream, sent: list[int]) -> None:
+        try:
+            async for chunk in request.content.iter_any():
+                await stream.write(chunk)
+                sent[0] += len(chunk)
+            await stream.end()
+        except (StreamResetError, TunnelClosedError):
+            return  # the response side reports it
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the client's body broke off: never let a short upload look complete
+            self._log.info("Request body broke off after %d bytes: %s", sent[0], exc.__class__.__name__)
+            stream.reset(ErrorCode.CANCEL, "client request body incomplete")
+
+    # --- answers of the gateway's own ---
+
+    def _refuse(self, request: web.BaseRequest, error: errors.CMGError, why: str) -> web.Response:
+        self._log.warning("%s %s refused with %d %s: %s (client %s)", request.method,
+                          request.raw_path[:300], error.status, error.name, why, request.remote)
+        return error.response()
+
+    def _failed(self, request: web.BaseRequest, cp: ClientPath, start: float,
+                error: errors.CMGError, why: str) -> web.Response:
+        self._summary.record(request.path, 0, None, (time.monotonic() - start) * 1000)
+        return self._refuse(request, error, why)
+
+    @staticmethod
+    def _abort(request: web.BaseRequest) -> None:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+    def _service_metadata(self, cp: ClientPath) -> web.Response:
+        roles = "".join(
+            f'<Role RoleID="{r.role_id}" Kind="{escape(r.kind)}" Name="{escape(r.name)}"/>'
+            for r in self._routes.published_roles()
+        )
+        body = (
+            '<?xml version="1.0" encoding="utf-8"?>'
+            f'<ServiceMetadata Channel="{cp.channel.value}">'
+            f"<ServiceName>{escape(self._config.service_name)}</ServiceName>"
+            f"<SiteCode>{escape(self._config.site_code)}</SiteCode>"
+            f"<Instance>{self._instance_name}</Instance>"
+            f"<Roles>{roles}</Roles></ServiceMetadata>"
+        )
+        return web.Response(text=body, content_type="text/xml")

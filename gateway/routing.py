@@ -1,0 +1,84 @@
+"""Which connection points serve which roles, and which one takes the next request.
+
+The real CMG round-robins requests across the connection points of a site; so does
+this one, per role, skipping tunnels that are draining or closed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from tunnel import PublishedRole, TunnelSession
+
+
+@dataclass(eq=False)
+class ConnectorLink:
+    """One connected tunnel from a connection point to this instance."""
+
+    name: str
+    site_code: str
+    session: TunnelSession
+    roles: dict[int, PublishedRole]
+    peer: str
+    connected_at: float = field(default_factory=time.time)
+    active_requests: int = 0
+    total_requests: int = 0
+
+    @property
+    def usable(self) -> bool:
+        s = self.session
+        return not (s.closed or s.peer_draining or s.local_draining)
+
+
+class Routes:
+    """The published endpoints of every connected connection point."""
+
+    def __init__(self) -> None:
+        self._links: list[ConnectorLink] = []
+        self._turn: dict[int, itertools.count[int]] = {}
+        # Roles ever published since start: a role whose connection points are all
+        # gone answers 503 (unavailable), not 404 (unknown).
+        self._known: dict[int, PublishedRole] = {}
+
+    @property
+    def links(self) -> tuple[ConnectorLink, ...]:
+        return tuple(self._links)
+
+    @property
+    def ever_connected(self) -> bool:
+        return bool(self._known)
+
+    def add(self, link: ConnectorLink) -> None:
+        self._links.append(link)
+        self._known.update(link.roles)
+
+    def remove(self, link: ConnectorLink) -> None:
+        if link in self._links:
+            self._links.remove(link)
+
+    def published_roles(self) -> list[PublishedRole]:
+        """The roles connected connection points publish now, once each."""
+        seen: dict[int, PublishedRole] = {}
+        for link in self._links:
+            for role_id, role in link.roles.items():
+                seen.setdefault(role_id, role)
+        return [seen[k] for k in sorted(seen)]
+
+    def is_known(self, role_id: int, resource: str) -> bool:
+        """Whether some connection point has published this role and endpoint."""
+        role = self._known.get(role_id)
+        if role is None:
+            return False
+        wanted = resource.lower()
+        return any(p.lower() == wanted for p in role.paths)
+
+    def candidates(self, role_id: int) -> list[ConnectorLink]:
+        """Usable links serving the role, starting with the one whose turn it is."""
+        links = [l for l in self._links if role_id in l.roles and l.usable]
+        if len(links) <= 1:
+            return links
+        counter = self._turn.setdefault(role_id, itertools.count())
+        start = next(counter) % len(links)
+        return links[start:] + links[:start]

@@ -1,0 +1,280 @@
+"""TLS termination for the client listener: pyOpenSSL over asyncio, under aiohttp.
+
+``TLSServerProtocol`` owns the raw TCP transport and a pyOpenSSL connection on
+memory BIOs. After the handshake it creates the HTTP protocol (aiohttp's request
+handler) and hands it a ``TLSAppTransport`` that encrypts on write and exposes the
+peer's certificate chain. Reading and writing flow control pass straight through to
+the TCP transport, so a slow client slows its own requests and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from cryptography import x509
+from OpenSSL import SSL
+
+log = logging.getLogger("gateway.tls")
+
+_READ_SIZE = 256 * 1024
+
+
+class TLSAppTransport(asyncio.Transport):
+    """What the HTTP layer sees: a transport of plaintext over the TLS connection."""
+
+    def __init__(self, owner: "TLSServerProtocol") -> None:
+        super().__init__()
+        self._owner = owner
+        self._extra: dict[str, Any] = {}
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._owner.send_plaintext(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._owner.send_plaintext(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS has no half-close")
+
+    def is_closing(self) -> bool:
+        return self._owner.closing
+
+    def close(self) -> None:
+        self._owner.close_tls()
+
+    def abort(self) -> None:
+        self._owner.abort()
+
+    def pause_reading(self) -> None:
+        self._owner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._owner.resume_reading()
+
+    def is_reading(self) -> bool:
+        return not self._owner.reading_paused
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._owner.raw is not None:
+            self._owner.raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._owner.raw.get_write_buffer_size() if self._owner.raw else 0
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._owner.app  # type: ignore[return-value]
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._owner.app = protocol  # type: ignore[assignment]
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in self._extra:
+            return self._extra[name]
+        if name == "sslcontext":
+            return self._owner.context
+        if name == "ssl_object":
+            return self._owner.conn
+        if name == "peercert_chain":
+            return self._owner.peer_chain
+        raw = self._owner.raw
+        return raw.get_extra_info(name, default) if raw is not None else default
+
+    def set_extra(self, name: str, value: Any) -> None:
+        self._extra[name] = value
+
+
+class TLSServerProtocol(asyncio.Protocol):
+    """One client TCP connection: TLS handshake, then plaintext to the HTTP protocol."""
+
+    def __init__(self, context: SSL.Context, app_factory: Callable[[], asyncio.Protocol],
+                 handshake_timeout: float = 30.0,
+                 on_handshake: Callable[[TLSAppTransport], None] | None = None) -> None:
+        self.context = context
+        self._app_factory = app_factory
+        self._handshake_timeout = handshake_timeout
+        self._on_handshake = on_handshake
+        self.raw: asyncio.Transport | None = None
+        self.conn = SSL.Connection(context, None)
+        self.conn.set_accept_state()
+        self.app: asyncio.Protocol | None = None
+        self.app_transport = TLSAppTransport(self)
+        self.closing = False
+        self.reading_paused = False
+        self.peer_chain: tuple[x509.Certificate, ...] = ()
+        self._handshaken = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._app_write_paused = False
+
+    # --- raw side ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = transport  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._handshake_timeout, self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        if not self._handshaken:
+            log.info("TLS handshake timed out from %s", self._peer())
+            self.abort()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conn.bio_write(data)
+        except SSL.Error:
+            self.abort()
+            return
+        if not self._handshaken:
+            try:
+                self.conn.do_handshake()
+            except SSL.WantReadError:
+                self._flush()
+                return
+            except SSL.Error as exc:
+                self._flush()  # deliver the alert
+                log.info("TLS handshake failed from %s: %s", self._peer(), _ssl_reason(exc))
+                self._close_raw()
+                return
+            self._handshake_done()
+            if self.raw is None:
+                return
+        self._read_plaintext()
+
+    def _handshake_done(self) -> None:
+        self._handshaken = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        chain = self.conn.get_peer_cert_chain(as_cryptography=True) or []
+        leaf = self.conn.get_peer_certificate(as_cryptography=True)
+        if leaf is not None and (not chain or chain[0] != leaf):
+            chain = [leaf, *chain]
+        self.peer_chain = tuple(chain)
+        self._flush()
+        if self._on_handshake is not None:
+            self._on_handshake(self.app_transport)
+        self.app = self._app_factory()
+        self.app.connection_made(self.app_transport)
+
+    def _read_plaintext(self) -> None:
+        while self.raw is not None:
+            try:
+                chunk = self.conn.recv(_READ_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                # close_notify from the client
+                self._flush()
+                if self.app is not None:
+                    keep_open = self.app.eof_received()
+                    if not keep_open:
+                        self.close_tls()
+                break
+            except SSL.Error as exc:
+                log.info("TLS error from %s: %s", self._peer(), _ssl_reason(exc))
+                self.abort()
+                return
+            if self.app is None:
+                break
+            self.app.data_received(chunk)
+            if self.raw is None:
+                return
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        if self.app is not None:
+            self.app.eof_received()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.raw = None
+        self.closing = True
+        app, self.app = self.app, None
+        if app is not None:
+            app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.app is not None and not self._app_write_paused:
+            self._app_write_paused = True
+            self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.app is not None and self._app_write_paused:
+            self._app_write_paused = False
+            self.app.resume_writing()
+
+    # --- app side ---
+
+    def send_plaintext(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closing or self.raw is None:
+            return
+        try:
+            self.conn.sendall(bytes(data))
+        except SSL.Error as exc:
+            log.info("TLS write failed to %s: %s", self._peer(), _ssl_reason(exc))
+            self.abort()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        raw = self.raw
+        if raw is None:
+            return
+        while True:
+            try:
+                out = self.conn.bio_read(_READ_SIZE)
+            except SSL.WantReadError:
+                return
+            if not out:
+                return
+            raw.write(out)
+
+    def pause_reading(self) -> None:
+        if self.raw is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.raw is not None and self.reading_paused:
+            self.reading_paused = False
+            self.raw.resume_reading()
+
+    def close_tls(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        try:
+            self.conn.shutdown()
+        except SSL.Error:
+            pass
+        self._flush()
+        self._close_raw()
+
+    def _close_raw(self) -> None:
+        self.closing = True
+        if self.raw is not None:
+            self.raw.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.raw is not None:
+            self.raw.abort()
+
+    def _peer(self) -> str:
+        peer = self.raw.get_extra_info("peername") if self.raw else None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    try:
+        parts = exc.args[0]
+        return "; ".join(p[2] for p in parts if len(p) > 2) or str(exc)
+    except (IndexError, TypeError):
+        return str(exc) or exc.__class__.__name__

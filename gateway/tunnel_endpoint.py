@@ -1,0 +1,171 @@
+"""The instance's tunnel endpoint: where connection points dial in.
+
+Mutual TLS (site CA only, see gateway.tls), websocket subprotocol negotiation (an old
+connection point gets a 400 with the reason), then the tunnel handshake: the
+connection point's hello must name the site this CMG serves and the name on its
+certificate. Only then are its published roles routed to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from http import HTTPStatus
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from cmg.config import GatewayConfig
+from tunnel import (
+    ErrorCode,
+    Limits,
+    Role,
+    TunnelClosedError,
+    TunnelProtocol,
+    TunnelSession,
+    VersionMismatch,
+    negotiate,
+)
+
+from .routing import ConnectorLink, Routes
+
+
+def limits_of(config: GatewayConfig) -> Limits:
+    lim = config.limits
+    return Limits(
+        max_frame_size=lim.max_frame_size,
+        max_concurrent_streams=lim.max_concurrent_streams,
+        max_header_size=lim.max_header_size,
+        stream_window=lim.stream_window,
+        tunnel_window=lim.tunnel_window,
+    )
+
+
+class TunnelEndpoint:
+    """Accepts connection points' tunnels and keeps ``routes`` in step with them."""
+
+    def __init__(self, config: GatewayConfig, routes: Routes, ssl_context: ssl.SSLContext,
+                 log: logging.Logger) -> None:
+        self._config = config
+        self._routes = routes
+        self._ssl = ssl_context
+        self._log = log
+        self._server: Server | None = None
+        self._sessions: set[TunnelSession] = set()
+        self.instance_name = f"ProxyService_IN_{config.instance}"
+
+    async def start(self) -> None:
+        lim = self._config.limits
+        self._server = await serve(
+            self._handle, self._config.bind, self._config.tunnel_port, ssl=self._ssl,
+            process_request=self._check_version, select_subprotocol=self._select,
+            compression=None, ping_interval=None, ping_timeout=None,
+            max_size=lim.max_frame_size + lim.max_header_size + 1024,
+            max_queue=64, write_limit=lim.max_frame_size * 4,
+            open_timeout=lim.open_timeout, server_header=None, logger=self._log.getChild("ws"),
+        )
+        self._log.info("Tunnel endpoint of %s listening on %s:%d", self.instance_name,
+                       self._config.bind, self._config.tunnel_port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _check_version(self, connection: ServerConnection, request: Request) -> Response | None:
+        offered = [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
+                   for p in v.split(",") if p.strip()]
+        try:
+            negotiate(offered)
+        except VersionMismatch as exc:
+            self._log.warning("Refused a tunnel from %s: %s", _peer(connection), exc.reason)
+            return connection.respond(HTTPStatus.BAD_REQUEST, exc.reason + "\n")
+        return None
+
+    @staticmethod
+    def _select(connection: ServerConnection, offered: object) -> str | None:
+        return negotiate(list(offered))  # type: ignore[call-overload]
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        peer = _peer(ws)
+        cert_name = _certificate_cn(ws)
+        lim = self._config.limits
+        session = TunnelSession(
+            TunnelProtocol(Role.GATEWAY, limits_of(self._config)), ws,
+            ping_interval=lim.ping_interval, ping_timeout=lim.ping_timeout,
+            logger=self._log, name=f"{cert_name}@{peer}",
+        )
+        self._sessions.add(session)
+        runner = asyncio.ensure_future(session.run())
+        link: ConnectorLink | None = None
+        try:
+            try:
+                await asyncio.wait_for(session.wait_handshake(), lim.open_timeout)
+            except (asyncio.TimeoutError, TunnelClosedError):
+                self._log.warning("Connection point at %s sent no valid hello; tunnel closed (%s)",
+                                  peer, session.close_reason or "timeout")
+                await session.close(ErrorCode.PROTOCOL_ERROR, "no hello")
+                return
+            hello = session.hello
+            assert hello is not None
+            if hello.site_code.upper() != self._config.site_code.upper():
+                self._log.warning("Refused connection point %s at %s: it serves site %s, this CMG serves %s",
+                                  hello.connection_point, peer, hello.site_code, self._config.site_code)
+                await session.close(ErrorCode.PROTOCOL_ERROR, "wrong site")
+                return
+            if hello.connection_point.lower() != cert_name.lower():
+                self._log.warning("Refused connection point %s at %s: its certificate is issued to %s",
+                                  hello.connection_point, peer, cert_name)
+                await session.close(ErrorCode.PROTOCOL_ERROR, "certificate does not match the connection point name")
+                return
+            session.send_welcome(self.instance_name)
+            link = ConnectorLink(
+                name=hello.connection_point, site_code=hello.site_code, session=session,
+                roles={r.role_id: r for r in hello.roles}, peer=peer,
+            )
+            self._routes.add(link)
+            self._log.info(
+                "Connection point %s (site %s) connected from %s to %s; published roles: %s",
+                link.name, link.site_code, peer, self.instance_name,
+                ", ".join(f"{r.kind} {r.role_id}" for r in hello.roles) or "none",
+            )
+            await runner
+        finally:
+            if link is not None:
+                self._routes.remove(link)
+                self._log.info("Connection point %s disconnected from %s: %s", link.name,
+                               self.instance_name, session.close_reason or "closed")
+            if not runner.done():
+                runner.cancel()
+            self._sessions.discard(session)
+
+    async def drain(self) -> None:
+        """Tell every connection point no new streams will come; in-flight ones go on."""
+        for s in list(self._sessions):
+            if not s.closed:
+                await s.drain()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        for s in list(self._sessions):
+            await s.close(ErrorCode.NO_ERROR, "instance stopping")
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def _peer(ws: ServerConnection) -> str:
+    addr = ws.remote_address
+    return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+
+def _certificate_cn(ws: ServerConnection) -> str:
+    der = ws.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    if not der:
+        return ""
+    cert = x509.load_der_x509_certificate(der)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
