@@ -1,0 +1,86 @@
+"""Whole-stack fixtures: real processes on loopback, started by the one launcher."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from cmg.launcher import Stack
+
+
+@dataclass
+class Deployment:
+    """deployment.json, read the way a user's script would read it."""
+
+    dir: Path
+    data: dict[str, Any]
+    stack: Stack
+
+    def path(self, key: str) -> Path:
+        p = Path(self.data[key])
+        return p if p.is_absolute() else self.dir / p
+
+    @property
+    def host(self) -> str:
+        return self.data["listen"].rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.data["listen"].rpartition(":")[2])
+
+    @property
+    def service_name(self) -> str:
+        return str(self.data["service_name"])
+
+    def role(self, kind: str) -> dict[str, Any]:
+        return next(r for r in self.data["roles"] if r["kind"] == kind)
+
+    def ssl_context(self, cert: Path | None = None, key: Path | None = None,
+                    default_client: bool = True) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.path("ca_cert")))
+        if cert is not None:
+            ctx.load_cert_chain(str(cert), str(key))
+        elif default_client:
+            ctx.load_cert_chain(str(self.path("client_cert")), str(self.path("client_key")))
+        return ctx
+
+    def url(self, path: str) -> str:
+        return f"https://{self.host}:{self.port}{path}"
+
+    def mp_path(self, tail: str) -> str:
+        return f"/CCM_Proxy_MutualAuth/{self.role('MP')['role_id']}/{tail}"
+
+    async def request(self, session: aiohttp.ClientSession, method: str, path: str,
+                      ctx: ssl.SSLContext | None = None, **kw: Any) -> aiohttp.ClientResponse:
+        headers = {"Host": self.service_name, **kw.pop("headers", {})}
+        return await session.request(method, self.url(path), ssl=ctx or self.ssl_context(),
+                                     server_hostname=self.service_name, headers=headers, **kw)
+
+
+def start_stack(tmp_path_factory: pytest.TempPathFactory, name: str, **kw: Any) -> Deployment:
+    d = tmp_path_factory.mktemp(name)
+    stack = Stack(d, port=0, **kw).start()
+    data = json.loads((d / "deployment.json").read_text())
+    return Deployment(d, data, stack)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory):
+    """One instance, one connection point: every request shares one tunnel."""
+    dep = start_stack(tmp_path_factory, "single", instances=1, connectors=1)
+    yield dep
+    dep.stack.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory):
+    """Two instances, two connection points: the high-availability shape."""
+    dep = start_stack(tmp_path_factory, "pair", instances=2, connectors=2)
+    yield dep
+    dep.stack.stop()
