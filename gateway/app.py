@@ -8,6 +8,7 @@ import socket
 
 from aiohttp import web
 
+from cmg.anyverb import AnyVerbServer
 from cmg.cmtrace import open_log
 from cmg.config import GatewayConfig
 
@@ -65,7 +66,7 @@ class GatewayInstance:
         await self.tunnels.start()
 
         self.handler = ClientRequestHandler(cfg, self.routes, verifier, self.summary, self.log)
-        self._web = web.Server(self.handler, access_log=None, keepalive_timeout=120,
+        self._web = AnyVerbServer(self.handler, auto_decompress=False, access_log=None, keepalive_timeout=120,
                                max_field_size=16384, max_line_size=16384)
         sock = client_socket(cfg.bind, cfg.client_port, reuse_port=True)
         loop = asyncio.get_running_loop()

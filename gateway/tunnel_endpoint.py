@@ -103,7 +103,7 @@ class TunnelEndpoint:
         link: ConnectorLink | None = None
         try:
             try:
-                await asyncio.wait_for(session.wait_handshake(), lim.open_timeout)
+                await asyncio.wait_for(session.wait_hello(), lim.open_timeout)
             except (asyncio.TimeoutError, TunnelClosedError):
                 self._log.warning("Connection point at %s sent no valid hello; tunnel closed (%s)",
                                   peer, session.close_reason or "timeout")
