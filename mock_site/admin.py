@@ -1,0 +1,96 @@
+"""The mock's own admin endpoints (under ``/_mock``, outside every published path, so
+the CMG never forwards them) and the request recorder behind ``/_mock/requests``.
+
+- ``GET /_mock/uploads``, ``GET /_mock/uploads/{name}``: BITS uploads (size, sha256,
+  complete, client identity headers seen)
+- ``GET /_mock/clients``: registrations
+- ``GET /_mock/requests``: recent requests (method, path, status, ``X-CMG-Client-*`` headers)
+- ``POST /_mock/bgb/notify``: ``{"client": smsid or "*", "type": ..., "param": ...}``
+- ``GET /_mock/health``: ports, counts
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from mock_site.bgb import NotificationHub
+from mock_site.bits import UploadStore
+from mock_site.context import SiteContext, client_identity
+
+ADMIN_PREFIX = "/_mock/"
+
+
+def recorder(ctx: SiteContext, role: str) -> Callable[..., Any]:
+    @web.middleware
+    async def record(request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.path.startswith(ADMIN_PREFIX):
+            return await handler(request)
+        started = time.time()
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            ctx.requests.record({
+                "time": started,
+                "role": role,
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string,
+                "status": status,
+                "client_identity": client_identity(request.headers),
+                "user_agent": request.headers.get("User-Agent", ""),
+                "elapsed_ms": round((time.time() - started) * 1000, 3),
+            })
+    return record
+
+
+class Admin:
+    def __init__(self, ctx: SiteContext, uploads: UploadStore, bgb: NotificationHub) -> None:
+        self.ctx, self.uploads_store, self.bgb = ctx, uploads, bgb
+
+    async def uploads(self, request: web.Request) -> web.Response:
+        name = request.path[len("/_mock/uploads"):].strip("/")
+        if name:
+            found = self.uploads_store.upload(name)
+            if found is None:
+                raise web.HTTPNotFound(reason=f"no upload {name}")
+            return web.json_response(found)
+        return web.json_response(self.uploads_store.uploads())
+
+    async def clients(self, request: web.Request) -> web.Response:
+        return web.json_response([asdict(r) for r in self.ctx.clients.all()])
+
+    async def requests(self, request: web.Request) -> web.Response:
+        return web.json_response(self.ctx.requests.entries())
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "site_code": self.ctx.site_code,
+            "ports": self.ctx.ports,
+            "clients": len(self.ctx.clients.all()),
+            "bgb_held": self.bgb.held,
+            "upload_sessions": len(self.uploads_store.sessions),
+        })
+
+    async def bgb_notify(self, request: web.Request) -> web.Response:
+        try:
+            data = json.loads(await request.read())
+        except ValueError:
+            raise web.HTTPBadRequest(reason="body must be JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("client"), str) or not data["client"]:
+            raise web.HTTPBadRequest(reason='body must be {"client": "<SMSID>" or "*", "type": "..."}')
+        type_ = data.get("type", "RequestMachinePolicy")
+        if not isinstance(type_, str) or not type_:
+            raise web.HTTPBadRequest(reason="type must be a non-empty string")
+        return web.json_response(self.bgb.push(data["client"], type_, str(data.get("param", ""))))
