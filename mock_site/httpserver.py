@@ -3,9 +3,8 @@
 Two things aiohttp does not do out of the box:
 
 - ConfigMgr clients use the verbs ``CCM_POST`` and ``BITS_POST``. aiohttp's C parser
-  (llhttp) knows only the registered HTTP methods and answers 400 "Invalid method" to
-  anything else, so the runner here gives each connection aiohttp's pure-Python parser,
-  which accepts any RFC 9110 token as a method.
+  (llhttp) knows only the registered HTTP methods, so the runner here serves through
+  :class:`cmg.anyverb.AnyVerbServer` (aiohttp's pure-Python parser), as the gateway does.
 - IIS matches paths case-insensitively (``/CCM_System/request`` = ``/ccm_system/request``),
   aiohttp's router does not. :class:`CaseInsensitiveRouter` dispatches on the lower-cased
   path behind a single catch-all route.
@@ -18,34 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.http_parser import HttpRequestParserPy
-from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
 from aiohttp.web_server import Server
 
+from cmg.anyverb import AnyVerbServer
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class _AnyVerbRequestHandler(RequestHandler):
-    """A connection handler whose request parser accepts any token as the method."""
-
-    def __init__(self, manager: Server, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
-        super().__init__(manager, loop=loop, **kwargs)
-        self._parser = HttpRequestParserPy(
-            self,
-            loop,
-            self._read_bufsize,
-            max_line_size=self.max_line_size,
-            max_field_size=self.max_field_size,
-            max_headers=self.max_headers,
-            payload_exception=RequestPayloadError,
-            auto_decompress=kwargs.get("auto_decompress", True),
-            max_msg_queue_size=MAX_MSG_QUEUE_SIZE,
-        )
-
-
-class _AnyVerbServer(Server):
-    def __call__(self) -> RequestHandler:
-        return _AnyVerbRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class ConfigMgrAppRunner(web.AppRunner):
@@ -53,7 +29,7 @@ class ConfigMgrAppRunner(web.AppRunner):
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()
-        return _AnyVerbServer(
+        return AnyVerbServer(
             server.request_handler,
             request_factory=server.request_factory,
             loop=server._loop,

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 
 from cmg.launcher import Stack
 
@@ -59,7 +60,8 @@ class Deployment:
     async def request(self, session: aiohttp.ClientSession, method: str, path: str,
                       ctx: ssl.SSLContext | None = None, **kw: Any) -> aiohttp.ClientResponse:
         headers = {"Host": self.service_name, **kw.pop("headers", {})}
-        return await session.request(method, self.url(path), ssl=ctx or self.ssl_context(),
+        # encoded=True: the path goes on the wire exactly as written (no dot-segment folding)
+        return await session.request(method, yarl.URL(self.url(path), encoded=True), ssl=ctx or self.ssl_context(),
                                      server_hostname=self.service_name, headers=headers, **kw)
 
 

@@ -34,7 +34,7 @@ def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         first = proc.stdout.readline()
-        assert json.loads(first)["mock_site"] == ports
+        assert first.startswith("READY ") and json.loads(first[6:])["ports"] == ports
     finally:
         if proc.poll() is None:
             proc.kill()
