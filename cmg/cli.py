@@ -99,7 +99,11 @@ def _client(args: argparse.Namespace) -> int:
         None if args.no_cert else Path(args.cert) if args.cert else p("client_cert"),
         None if args.no_cert else Path(args.key) if args.key else p("client_key"),
     )
-    result = asyncio.run(client.run_cycle())
+    async def cycle():  # type: ignore[no-untyped-def]
+        async with client:
+            return await client.run_cycle()
+
+    result = asyncio.run(cycle())
     print(format_cycle(result))
     return 0 if result.ok else 1
 
