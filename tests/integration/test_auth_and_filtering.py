@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cmg import pki
+from cmg.launcher import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -114,14 +116,49 @@ async def test_validated_identity_reaches_the_mp_and_cannot_be_forged(single):
     assert pki.thumbprint(cert) in text and "FORGED" not in text and "CN=evil" not in text
 
 
-async def test_all_configmgr_verbs_pass(single):
-    mp = single.role("MP")["role_id"]
+async def test_all_configmgr_verbs_and_headers_reach_the_mp(single):
+    mp = single.role("MP")
+    marker = "verbs-" + str(single.port)
+    headers = {"CCMClientID": "GUID:" + marker, "CCMClientIDSignature": "AB01", "CCMClientTimestamp": "2026-11-27T00:00:00Z",
+               "CCMClientTimestampSignature": "CD02", "Range": "bytes=0-9", "BITS-Packet-Type": "Ping"}
     async with aiohttp.ClientSession() as s:
-        for method in ("HEAD", "PROPFIND", "BITS_POST", "CCM_POST"):
-            async with await single.request(s, method, f"/CCM_Proxy_MutualAuth/{mp}/CCM_Incoming/",
-                                            headers={"BITS-Packet-Type": "Ping"}) as r:
-                # whatever the MP says about it, it came from the MP, not from the gateway
+        for method in ("GET", "HEAD", "PROPFIND", "BITS_POST", "CCM_POST"):
+            async with await single.request(s, method, f"/CCM_Proxy_MutualAuth/{mp['role_id']}/CCM_Incoming/{marker}",
+                                            headers=headers) as r:
                 assert not r.reason.startswith("CMG"), (method, r.status, r.reason)
+        async with s.get(f"{mp['internal_url']}/_mock/requests") as r:
+            seen = await r.json()
+    entries = seen if isinstance(seen, list) else seen.get("requests", [])
+    methods = {e["method"] for e in entries if marker in e.get("path", "")}
+    assert methods == {"GET", "HEAD", "PROPFIND", "BITS_POST", "CCM_POST"}, methods
+
+
+def _gateway_with(tmp_path, certs, service_lines):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f"""
+[service]
+{service_lines}
+client_port = {free_port()}
+tunnel_base_port = {free_port()}
+[certificates]
+dir = "{certs}"
+server_certificate = "cmg-server.pem"
+server_key = "cmg-server.key"
+[logging]
+dir = "{tmp_path / 'logs'}"
+""")
+    return subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_gateway_accepts_a_pem_server_certificate_as_well_as_the_pfx(single, tmp_path):
+    proc = _gateway_with(tmp_path, single.path("ca_cert").parent, "")
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY "), proc.stderr.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 def test_cn_mismatch_refuses_to_start(single, tmp_path):
