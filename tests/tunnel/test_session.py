@@ -1,0 +1,436 @@
+"""TunnelSession: two sessions over an in-memory websocket pair, and over real websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from tunnel import (
+    SUBPROTOCOL,
+    DrainingError,
+    ErrorCode,
+    Frame,
+    FrameType,
+    Limits,
+    Role,
+    StreamResetError,
+    TunnelClosedError,
+    TunnelProtocol,
+    TunnelSession,
+    TunnelStream,
+    VersionMismatch,
+    negotiate,
+)
+from tunnel.frames import decode_close, parse_frame
+
+from tunnel_helpers import ROLES, MemoryWebSocket, memory_pair
+
+MiB = 1 << 20
+Handler = Callable[[TunnelStream], Awaitable[None]]
+
+
+async def echo(stream: TunnelStream) -> None:
+    assert stream.request is not None
+    await stream.send_response(200, "OK", [(b"Content-Type", b"application/octet-stream")])
+    while chunk := await stream.read():
+        await stream.write(chunk)
+    await stream.end()
+
+
+async def read_all(stream: TunnelStream) -> bytes:
+    body = bytearray()
+    while chunk := await stream.read():
+        body += chunk
+    return bytes(body)
+
+
+async def write_in_chunks(stream: TunnelStream, payload: bytes, size: int = 100_000) -> None:
+    for offset in range(0, len(payload), size):
+        await stream.write(payload[offset : offset + size])
+    await stream.end()
+
+
+async def exchange(gateway: TunnelSession, target: str, payload: bytes) -> bytes:
+    stream = await gateway.open_stream("POST", target, [(b"Content-Length", str(len(payload)).encode())])
+    _, body = await asyncio.gather(write_in_chunks(stream, payload), _response_body(stream))
+    return body
+
+
+async def _response_body(stream: TunnelStream) -> bytes:
+    response = await stream.response()
+    assert response.status == 200
+    return await read_all(stream)
+
+
+class Pair:
+    def __init__(self, gateway: TunnelSession, connector: TunnelSession, tasks: list[asyncio.Task[None]]) -> None:
+        self.gateway, self.connector, self.tasks = gateway, connector, tasks
+
+
+@contextlib.asynccontextmanager
+async def session_pair(
+    on_request: Handler = echo, limits: Limits = Limits(), **session_kwargs: float
+) -> AsyncIterator[Pair]:
+    gateway_ws, connector_ws = memory_pair()
+    gateway = TunnelSession(TunnelProtocol(Role.GATEWAY, limits), gateway_ws, name="gw", **session_kwargs)
+    connector = TunnelSession(
+        TunnelProtocol(Role.CONNECTOR, limits), connector_ws, on_request=on_request, name="cp", **session_kwargs
+    )
+    tasks = [asyncio.create_task(gateway.run()), asyncio.create_task(connector.run())]
+    connector.send_hello("ABC", "cp1.contoso.local", ROLES)
+    hello = await gateway.wait_hello()
+    assert hello.site_code == "ABC" and hello.roles == ROLES
+    gateway.send_welcome("instance-0")
+    await asyncio.wait_for(asyncio.gather(gateway.wait_handshake(), connector.wait_handshake()), 5)
+    assert connector.welcome is not None and connector.welcome.instance == "instance-0"
+    try:
+        yield Pair(gateway, connector, tasks)
+    finally:
+        await gateway.close()
+        await connector.close()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)  # run() never raises
+
+
+async def test_request_response_round_trip() -> None:
+    async with session_pair() as pair:
+        assert await exchange(pair.gateway, "/echo", b"hello tunnel") == b"hello tunnel"
+        assert await exchange(pair.gateway, "/echo", b"") == b""
+        assert pair.gateway.open_streams == 0
+        assert pair.connector.open_streams == 0
+
+
+async def test_64_concurrent_streams_echo_1mib_each() -> None:
+    payload = os.urandom(MiB)
+    async with session_pair() as pair:
+
+        async def one(i: int) -> None:
+            mine = payload[i:] + payload[:i]
+            assert await exchange(pair.gateway, f"/echo/{i}", mine) == mine
+
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), 60)
+        assert pair.gateway.open_streams == pair.connector.open_streams == 0
+
+
+async def test_slow_reader_does_not_stall_another_stream() -> None:
+    limits = Limits(stream_window=64 * 1024, tunnel_window=256 * 1024, max_frame_size=16 * 1024)
+    big = os.urandom(MiB)
+
+    async def handler(stream: TunnelStream) -> None:
+        assert stream.request is not None
+        if stream.request.target == "/download":
+            await stream.send_response(200, "OK", [])
+            await stream.write(big)
+            await stream.end()
+        else:
+            await echo(stream)
+
+    async with session_pair(handler, limits) as pair:
+        slow = await pair.gateway.open_stream("GET", "/download", [], end_stream=True)
+        assert (await slow.response()).status == 200
+        first = await slow.read()  # then stop reading: its window fills up
+        other = os.urandom(MiB)
+        assert await asyncio.wait_for(exchange(pair.gateway, "/echo", other), 20) == other
+        assert not slow.done  # still blocked, not failed
+        rest = await read_all(slow)
+        assert first + rest == big
+
+
+async def test_write_waits_for_credit_and_never_buffers_unboundedly() -> None:
+    limits = Limits(stream_window=32 * 1024, tunnel_window=128 * 1024, max_frame_size=8 * 1024)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stubborn(stream: TunnelStream) -> None:
+        await stream.send_response(200, "OK", [])
+        started.set()
+        await release.wait()  # do not read the request body for a while
+        await read_all(stream)
+        await stream.end()
+
+    async with session_pair(stubborn, limits) as pair:
+        stream = await pair.gateway.open_stream("PUT", "/upload", [])
+        write = asyncio.create_task(stream.write(b"x" * 200_000))
+        await started.wait()
+        await asyncio.sleep(0.1)
+        assert not write.done()  # blocked at the stream window
+        assert pair.gateway.protocol.available_window(stream.stream_id) == 0
+        release.set()
+        await asyncio.wait_for(write, 10)
+        await stream.end()
+        assert await read_all(stream) == b""
+
+
+async def test_reset_both_ways() -> None:
+    gate = asyncio.Event()
+    handler_saw: list[BaseException] = []
+
+    async def handler(stream: TunnelStream) -> None:
+        assert stream.request is not None
+        if stream.request.target == "/fail-upstream":
+            stream.reset(ErrorCode.UPSTREAM_ERROR, "MP unreachable")
+            return
+        if stream.request.target == "/echo":
+            await echo(stream)
+            return
+        await stream.send_response(200, "OK", [])
+        gate.set()
+        try:
+            while True:
+                await stream.write(b"z" * 1000)
+        except StreamResetError as exc:
+            handler_saw.append(exc)
+            raise
+
+    async with session_pair(handler) as pair:
+        stream = await pair.gateway.open_stream("GET", "/fail-upstream", [], end_stream=True)
+        with pytest.raises(StreamResetError) as info:
+            await stream.response()
+        assert info.value.code is ErrorCode.UPSTREAM_ERROR
+        assert stream.reset_code is ErrorCode.UPSTREAM_ERROR and stream.done
+
+        stream = await pair.gateway.open_stream("GET", "/forever", [], end_stream=True)
+        await stream.response()
+        await gate.wait()
+        stream.reset(ErrorCode.CANCEL, "client went away")
+        with pytest.raises(StreamResetError):
+            await stream.read()
+        for _ in range(100):
+            if handler_saw:
+                break
+            await asyncio.sleep(0.01)
+        assert isinstance(handler_saw[0], StreamResetError) and handler_saw[0].code is ErrorCode.CANCEL
+        # the tunnel is fine afterwards, credit was returned
+        assert await exchange(pair.gateway, "/echo", b"x" * 300_000) == b"x" * 300_000
+
+
+async def test_failing_handler_resets_with_internal_error_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(stream: TunnelStream) -> None:
+        raise RuntimeError("secret internal detail")
+
+    async with session_pair(broken) as pair:
+        with caplog.at_level(logging.ERROR, logger="tunnel.session"):
+            stream = await pair.gateway.open_stream("GET", "/", [], end_stream=True)
+            with pytest.raises(StreamResetError) as info:
+                await stream.response()
+        assert info.value.code is ErrorCode.INTERNAL_ERROR
+        assert "secret" not in info.value.reason
+        assert any(r.exc_info and "secret internal detail" in str(r.exc_info[1]) for r in caplog.records)
+
+
+async def test_drain_refuses_new_streams_but_finishes_in_flight() -> None:
+    release = asyncio.Event()
+
+    async def slow(stream: TunnelStream) -> None:
+        await release.wait()
+        await echo(stream)
+
+    async with session_pair(slow) as pair:
+        in_flight = await pair.gateway.open_stream("POST", "/", [])
+        await pair.connector.drain()
+        for _ in range(100):
+            if pair.gateway.peer_draining:
+                break
+            await asyncio.sleep(0.01)
+        assert pair.gateway.peer_draining and pair.connector.local_draining
+        with pytest.raises(DrainingError):
+            await pair.gateway.open_stream("GET", "/", [])
+        release.set()
+        _, body = await asyncio.gather(write_in_chunks(in_flight, b"still here"), _response_body(in_flight))
+        assert body == b"still here"
+
+
+async def test_ping_measures_rtt() -> None:
+    async with session_pair(ping_interval=0.02, ping_timeout=5.0) as pair:
+        for _ in range(200):
+            if pair.gateway.rtt is not None and pair.connector.rtt is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert pair.gateway.rtt is not None and pair.gateway.rtt >= 0
+        assert pair.connector.rtt is not None
+
+
+async def _silent_gateway(ws: MemoryWebSocket) -> None:
+    """Answer the HELLO with a WELCOME, then never read or answer anything again."""
+    gateway = TunnelProtocol(Role.GATEWAY)
+    while gateway.peer_hello is None:
+        gateway.receive_data(await ws.recv())
+    gateway.send_welcome("silent")
+    for chunk in gateway.data_to_send():
+        await ws.send(chunk)
+
+
+async def test_ping_timeout_closes_the_tunnel() -> None:
+    gateway_ws, connector_ws = memory_pair()
+    connector = TunnelSession(
+        TunnelProtocol(Role.CONNECTOR), connector_ws, ping_interval=0.05, ping_timeout=0.3, name="cp"
+    )
+    connector.send_hello("ABC", "cp1", ROLES)
+    run = asyncio.create_task(connector.run())
+    await _silent_gateway(gateway_ws)
+    await connector.wait_handshake()
+    await asyncio.wait_for(run, 5)
+    assert connector.closed
+    assert connector.close_reason is not None and "ping timeout" in connector.close_reason
+    assert connector_ws.closed
+    with pytest.raises(TunnelClosedError):
+        await connector.open_stream("GET", "/", [])
+
+
+async def test_handshake_timeout() -> None:
+    gateway_ws, _ = memory_pair()
+    gateway = TunnelSession(TunnelProtocol(Role.GATEWAY), gateway_ws, ping_timeout=0.2)
+    run = asyncio.create_task(gateway.run())
+    with pytest.raises(TunnelClosedError):
+        await gateway.wait_hello()
+    await asyncio.wait_for(run, 5)
+    assert gateway.close_reason is not None and "handshake" in gateway.close_reason
+
+
+async def test_garbage_from_connector_closes_only_that_tunnel(caplog: pytest.LogCaptureFixture) -> None:
+    async with session_pair() as healthy:
+        bad_gateway_ws, raw_connector_ws = memory_pair()
+        victim = TunnelSession(TunnelProtocol(Role.GATEWAY), bad_gateway_ws, name="gw-victim")
+        run = asyncio.create_task(victim.run())
+        with caplog.at_level(logging.WARNING, logger="tunnel.session"):
+            await raw_connector_ws.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(run, 5)
+        assert victim.closed
+        assert victim.close_reason is not None and "unknown frame type" in victim.close_reason
+        assert bad_gateway_ws.close_code == 1002 and bad_gateway_ws.close_reason
+        # the peer got a CLOSE frame with the reason before the websocket closed
+        close = parse_frame(await raw_connector_ws.recv())
+        assert close.type is FrameType.CLOSE
+        code, reason = decode_close(close.payload)
+        assert code is ErrorCode.PROTOCOL_ERROR and "unknown frame type" in reason
+        assert any("broke the tunnel protocol" in r.getMessage() for r in caplog.records)
+        with pytest.raises(TunnelClosedError):
+            await victim.wait_hello()
+        # everything else is fine
+        assert await exchange(healthy.gateway, "/echo", b"fine") == b"fine"
+
+
+async def test_garbage_from_gateway_after_handshake_fails_open_streams() -> None:
+    gateway_ws, connector_ws = memory_pair()
+    started = asyncio.Event()
+
+    async def waiting(stream: TunnelStream) -> None:
+        started.set()
+        await stream.read()
+
+    connector = TunnelSession(TunnelProtocol(Role.CONNECTOR), connector_ws, on_request=waiting, name="cp")
+    connector.send_hello("ABC", "cp1", ROLES)
+    run = asyncio.create_task(connector.run())
+    raw = TunnelProtocol(Role.GATEWAY)
+    while raw.peer_hello is None:
+        raw.receive_data(await gateway_ws.recv())
+    raw.send_welcome("raw")
+    raw.open_stream("POST", "/", [])
+    for chunk in raw.data_to_send():
+        await gateway_ws.send(chunk)
+    await started.wait()
+    stream = next(iter(connector._streams.values()))
+    await gateway_ws.send(Frame(FrameType.DATA, 0, 1, b"x" * 10).serialize() + b"\x00" * 10)
+    await asyncio.wait_for(run, 5)
+    assert connector.close_reason is not None and "protocol error" in connector.close_reason
+    with pytest.raises(TunnelClosedError):
+        await stream.read()
+    assert connector_ws.close_code == 1002
+
+
+async def test_peer_close_is_reported() -> None:
+    async with session_pair() as pair:
+        await pair.connector.close(ErrorCode.NO_ERROR, "connection point stopping")
+        await asyncio.wait_for(pair.gateway.wait_closed(), 5)
+        assert pair.gateway.close_reason is not None
+        assert "connection point stopping" in pair.gateway.close_reason
+        with pytest.raises(TunnelClosedError):
+            await pair.gateway.open_stream("GET", "/", [])
+
+
+async def test_cancelling_run_closes_everything() -> None:
+    gateway_ws, connector_ws = memory_pair()
+    gateway = TunnelSession(TunnelProtocol(Role.GATEWAY), gateway_ws)
+    run = asyncio.create_task(gateway.run())
+    await asyncio.sleep(0.01)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert gateway.closed and gateway_ws.closed
+
+
+# -- versions ----------------------------------------------------------------------------
+
+
+def test_negotiate() -> None:
+    assert negotiate([SUBPROTOCOL]) == SUBPROTOCOL
+    assert negotiate(["cmg-tunnel.v0", SUBPROTOCOL]) == SUBPROTOCOL
+    with pytest.raises(VersionMismatch) as info:
+        negotiate(["cmg-tunnel.v0"])
+    assert info.value.reason == (
+        "tunnel protocol version mismatch: the connection point offered cmg-tunnel.v0; "
+        "this gateway speaks cmg-tunnel.v1"
+    )
+    with pytest.raises(VersionMismatch, match="offered none"):
+        negotiate([])
+
+
+# -- real websockets --------------------------------------------------------------------------
+
+
+def _select_subprotocol(connection: ServerConnection, offered: list[str]) -> str:
+    try:
+        return negotiate(offered)
+    except VersionMismatch as exc:
+        raise websockets.exceptions.NegotiationError(exc.reason) from None
+
+
+async def test_real_websockets_on_loopback() -> None:
+    gateway_sessions: list[TunnelSession] = []
+
+    async def tunnel_endpoint(ws: ServerConnection) -> None:
+        assert ws.subprotocol == SUBPROTOCOL
+        session = TunnelSession(TunnelProtocol(Role.GATEWAY), ws, name="gw")
+        gateway_sessions.append(session)
+        run = asyncio.create_task(session.run())
+        await session.wait_hello()
+        session.send_welcome("instance-0")
+        await run
+
+    async with serve(
+        tunnel_endpoint, "127.0.0.1", 0, subprotocols=[SUBPROTOCOL], select_subprotocol=_select_subprotocol
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        uri = f"ws://127.0.0.1:{port}/"
+
+        # an old connector gets a clear refusal, not garbage
+        with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+            async with connect(uri, subprotocols=["cmg-tunnel.v0"]):  # type: ignore[list-item]
+                pass
+        assert info.value.response.status_code == 400
+        assert b"offered cmg-tunnel.v0" in info.value.response.body
+
+        async with connect(uri, subprotocols=[SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+            connector = TunnelSession(TunnelProtocol(Role.CONNECTOR), ws, on_request=echo, name="cp")
+            connector.send_hello("ABC", "cp1", ROLES)
+            run = asyncio.create_task(connector.run())
+            await connector.wait_handshake()
+            gateway = gateway_sessions[0]
+            await gateway.wait_handshake()
+            payload = os.urandom(MiB)
+
+            async def one(i: int) -> None:
+                mine = payload[i:] + payload[:i]
+                assert await exchange(gateway, f"/echo/{i}", mine) == mine
+
+            await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), 60)
+            await gateway.close(ErrorCode.NO_ERROR, "instance stopping")
+            await asyncio.wait_for(run, 10)
+            assert connector.close_reason is not None and "instance stopping" in connector.close_reason

@@ -1,0 +1,553 @@
+"""The tunnel wire format: frames, and the payloads they carry. No I/O.
+
+Frame
+-----
+Every frame is a 10-byte header followed by its payload::
+
+    type u8 | flags u8 | stream_id u32 | length u32 | payload (length bytes)
+
+All integers are big-endian. ``flags`` has one bit, END_STREAM (0x1), allowed on
+HEADERS and DATA only. Stream ids use 31 bits; HEADERS, DATA and RESET need a nonzero
+stream id, WINDOW_UPDATE may use 0 (the whole tunnel), every other type needs 0.
+
+Size limits, checked as soon as a header is complete (before buffering the payload):
+DATA up to the receiver's ``max_frame_size`` (else FRAME_SIZE_ERROR); HEADERS up to
+``max(max_frame_size, max_header_size)``, and a head block above ``max_header_size``
+is HEADER_TOO_LARGE; HELLO and WELCOME up to ``MAX_HANDSHAKE_SIZE``; WINDOW_UPDATE
+exactly 4 bytes, PING/PONG exactly 8, DRAIN 0, RESET and CLOSE 4 to 4 +
+``MAX_REASON_SIZE``.
+
+Payloads
+--------
+* HELLO, WELCOME: a UTF-8 JSON object (see :func:`encode_hello`, :func:`encode_welcome`);
+  every key is required, no other key is allowed, integers are never booleans.
+* HEADERS: a head block. Length prefixes are big-endian::
+
+      request head  = u16 len, method (ASCII token) | u32 len, target (UTF-8) | header list
+      response head = u16 status                    | u16 len, reason (UTF-8) | header list
+      header list   = u16 count, count x (u16 len, name | u32 len, value)
+
+  Text that is not valid UTF-8 travels through ``surrogateescape``, so any byte
+  string a proxy saw on the wire round-trips exactly. Nothing may follow the list.
+* DATA: body bytes.
+* WINDOW_UPDATE: u32 increment, 1 to 2**31-1.
+* RESET, CLOSE: u32 error code, then a UTF-8 reason (the rest of the payload).
+* PING, PONG: an 8-byte opaque id; PONG echoes the PING's.
+* DRAIN: empty.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .codes import ErrorCode, FrameType
+from .errors import LocalProtocolError, ProtocolError
+from .events import HelloReceived, PublishedRole, Settings, WelcomeReceived
+from .limits import MAX_WINDOW, validate_settings
+
+__all__ = [
+    "END_STREAM",
+    "FRAME_HEADER",
+    "MAX_HANDSHAKE_SIZE",
+    "MAX_REASON_SIZE",
+    "MAX_STREAM_ID",
+    "ErrorCode",
+    "Frame",
+    "FrameParser",
+    "FrameType",
+    "decode_close",
+    "decode_hello",
+    "decode_ping",
+    "decode_request_head",
+    "decode_reset",
+    "decode_response_head",
+    "decode_welcome",
+    "decode_window_update",
+    "encode_close",
+    "encode_hello",
+    "encode_request_head",
+    "encode_reset",
+    "encode_response_head",
+    "encode_welcome",
+    "encode_window_update",
+    "parse_frame",
+]
+
+FRAME_HEADER = struct.Struct("!BBII")
+END_STREAM = 0x1
+MAX_STREAM_ID = 2**31 - 1
+MAX_REASON_SIZE = 1024
+MAX_HANDSHAKE_SIZE = 1 << 20
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+
+_STREAM_TYPES = frozenset({FrameType.HEADERS, FrameType.DATA, FrameType.RESET})
+_FLAGGED_TYPES = frozenset({FrameType.HEADERS, FrameType.DATA})
+_FIXED_SIZES = {
+    FrameType.WINDOW_UPDATE: 4,
+    FrameType.PING: 8,
+    FrameType.PONG: 8,
+    FrameType.DRAIN: 0,
+}
+
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_BAD_IN_VALUE = frozenset(b"\r\n\x00")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One frame; ``payload`` is still encoded (decode it with the functions below)."""
+
+    type: FrameType
+    flags: int = 0
+    stream_id: int = 0
+    payload: bytes = b""
+
+    @property
+    def end_stream(self) -> bool:
+        return bool(self.flags & END_STREAM)
+
+    def serialize(self) -> bytes:
+        """The frame's bytes. Raises LocalProtocolError when a field is out of range."""
+        if not 0 <= self.flags <= 0xFF or not 0 <= self.stream_id <= MAX_STREAM_ID:
+            raise LocalProtocolError(f"frame field out of range: {self!r}")
+        return FRAME_HEADER.pack(self.type, self.flags, self.stream_id, len(self.payload)) + self.payload
+
+
+class FrameParser:
+    """Turns a byte stream into frames, whatever the chunking of the input.
+
+    Checks everything the frame header alone tells (type, flags, stream id, size);
+    payload contents are checked by the decode functions. After a ProtocolError the
+    parser is unusable: every later ``feed`` raises again.
+    """
+
+    def __init__(self, max_frame_size: int = 65536, max_header_size: int = 65536) -> None:
+        self.max_frame_size = max_frame_size
+        self.max_header_size = max_header_size
+        self._buffer = bytearray()
+        self._position = 0  # start of the first unparsed frame in _buffer
+        self._error: ProtocolError | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a complete frame."""
+        return len(self._buffer) - self._position
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add bytes; return the frames they complete. Raises ProtocolError."""
+        self.append(data)
+        frames = []
+        while (frame := self.next_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+    def append(self, data: bytes) -> None:
+        """Add bytes without parsing them yet (see next_frame)."""
+        if self._error is not None:
+            raise self._error
+        if self._position and self._position * 2 >= len(self._buffer):
+            del self._buffer[: self._position]
+            self._position = 0
+        self._buffer += data
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive. Raises ProtocolError."""
+        if self._error is not None:
+            raise self._error
+        buffer, position = self._buffer, self._position
+        if len(buffer) - position < FRAME_HEADER.size:
+            return None
+        type_, flags, stream_id, length = FRAME_HEADER.unpack_from(buffer, position)
+        try:
+            frame_type = self._check_header(type_, flags, stream_id, length)
+        except ProtocolError as exc:
+            self._error = exc
+            buffer.clear()
+            self._position = 0
+            raise
+        end = position + FRAME_HEADER.size + length
+        if end > len(buffer):
+            return None
+        payload = bytes(buffer[position + FRAME_HEADER.size : end])
+        self._position = end
+        if end == len(buffer):
+            buffer.clear()
+            self._position = 0
+        return Frame(frame_type, flags, stream_id, payload)
+
+    def _check_header(self, type_: int, flags: int, stream_id: int, length: int) -> FrameType:
+        try:
+            frame_type = FrameType(type_)
+        except ValueError:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"unknown frame type {type_}") from None
+        name = frame_type.name
+        allowed_flags = END_STREAM if frame_type in _FLAGGED_TYPES else 0
+        if flags & ~allowed_flags:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{name} frame with flags 0x{flags:02x}")
+        if stream_id > MAX_STREAM_ID:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{name} frame with stream id {stream_id} above 2**31-1")
+        if frame_type in _STREAM_TYPES:
+            if stream_id == 0:
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{name} frame on stream 0")
+        elif frame_type is not FrameType.WINDOW_UPDATE and stream_id != 0:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{name} frame on stream {stream_id}")
+        fixed = _FIXED_SIZES.get(frame_type)
+        if fixed is not None:
+            if length != fixed:
+                raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"{name} frame of {length} bytes, not {fixed}")
+        elif frame_type is FrameType.DATA:
+            if length > self.max_frame_size:
+                raise ProtocolError(
+                    ErrorCode.FRAME_SIZE_ERROR, f"DATA frame of {length} bytes above max_frame_size {self.max_frame_size}"
+                )
+        elif frame_type is FrameType.HEADERS:
+            if length > self.max_header_size:
+                raise ProtocolError(
+                    ErrorCode.HEADER_TOO_LARGE, f"head of {length} bytes above max_header_size {self.max_header_size}"
+                )
+        elif frame_type in (FrameType.HELLO, FrameType.WELCOME):
+            if length > MAX_HANDSHAKE_SIZE:
+                raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"{name} frame of {length} bytes")
+        elif not 4 <= length <= 4 + MAX_REASON_SIZE:  # RESET, CLOSE
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"{name} frame of {length} bytes")
+        return frame_type
+
+
+def parse_frame(data: bytes, max_frame_size: int = 65536, max_header_size: int = 65536) -> Frame:
+    """Parse exactly one complete frame. Raises ProtocolError (also for missing or extra bytes)."""
+    parser = FrameParser(max_frame_size, max_header_size)
+    frames = parser.feed(data)
+    if len(frames) != 1 or parser.pending:
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "not exactly one frame")
+    return frames[0]
+
+
+# -- small payloads ---------------------------------------------------------------
+
+
+def encode_window_update(increment: int) -> bytes:
+    if not 1 <= increment <= MAX_WINDOW:
+        raise LocalProtocolError(f"window increment {increment} not in [1, 2**31-1]")
+    return _U32.pack(increment)
+
+
+def decode_window_update(payload: bytes) -> int:
+    """The increment. Raises ProtocolError when it is 0 or above 2**31-1."""
+    if len(payload) != 4:
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE payload is not 4 bytes")
+    (increment,) = _U32.unpack(payload)
+    if increment == 0:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE with increment 0")
+    if increment > MAX_WINDOW:
+        raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"WINDOW_UPDATE increment {increment} above 2**31-1")
+    return int(increment)
+
+
+def truncate_reason(reason: str, limit: int = MAX_REASON_SIZE) -> bytes:
+    """``reason`` as UTF-8, cut at a character boundary to at most ``limit`` bytes."""
+    return reason.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _encode_code_reason(code: ErrorCode, reason: str) -> bytes:
+    return _U32.pack(ErrorCode(code)) + truncate_reason(reason)
+
+
+def _decode_code_reason(payload: bytes, what: str) -> tuple[ErrorCode, str]:
+    if not 4 <= len(payload) <= 4 + MAX_REASON_SIZE:
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"{what} payload of {len(payload)} bytes")
+    (value,) = _U32.unpack_from(payload)
+    try:
+        code = ErrorCode(value)
+    except ValueError:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{what} with unknown error code {value}") from None
+    try:
+        reason = payload[4:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{what} reason is not UTF-8") from None
+    return code, reason
+
+
+def encode_reset(code: ErrorCode, reason: str = "") -> bytes:
+    return _encode_code_reason(code, reason)
+
+
+def decode_reset(payload: bytes) -> tuple[ErrorCode, str]:
+    """(code, reason). Raises ProtocolError for an unknown code or a non-UTF-8 reason."""
+    return _decode_code_reason(payload, "RESET")
+
+
+def encode_close(code: ErrorCode, reason: str = "") -> bytes:
+    return _encode_code_reason(code, reason)
+
+
+def decode_close(payload: bytes) -> tuple[ErrorCode, str]:
+    """(code, reason). Raises ProtocolError for an unknown code or a non-UTF-8 reason."""
+    return _decode_code_reason(payload, "CLOSE")
+
+
+def decode_ping(payload: bytes) -> bytes:
+    if len(payload) != 8:
+        raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "PING/PONG payload is not 8 bytes")
+    return payload
+
+
+# -- head blocks ------------------------------------------------------------------
+
+
+def _is_token(value: bytes) -> bool:
+    return bool(value) and all(byte in _TCHAR for byte in value)
+
+
+def _check_target(target: str) -> str | None:
+    if not target.startswith("/"):
+        return "request target does not start with '/'"
+    if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in target):
+        return "request target contains a control character or a space"
+    return None
+
+
+def _check_headers(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if not _is_token(name):
+            return f"header name {name[:40]!r} is not a token"
+        if not _BAD_IN_VALUE.isdisjoint(value):
+            return f"header {name.decode('ascii')} has CR, LF or NUL in its value"
+    return None
+
+
+def _encode_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+    if len(headers) > 0xFFFF:
+        raise LocalProtocolError("more than 65535 header fields")
+    parts = [_U16.pack(len(headers))]
+    for name, value in headers:
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            raise LocalProtocolError("header names and values must be bytes")
+        if len(name) > 0xFFFF or len(value) > 0xFFFFFFFF:
+            raise LocalProtocolError("header field too long")
+        parts += (_U16.pack(len(name)), name, _U32.pack(len(value)), value)
+    problem = _check_headers(headers)
+    if problem is not None:
+        raise LocalProtocolError(problem)
+    return parts
+
+
+class _Reader:
+    """Bounds-checked reads from a head block; any overrun is a PROTOCOL_ERROR."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.position = 0
+
+    def take(self, n: int) -> bytes:
+        end = self.position + n
+        if end > len(self.data):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "truncated head block")
+        chunk = self.data[self.position : end]
+        self.position = end
+        return chunk
+
+    def u16(self) -> int:
+        return int(_U16.unpack(self.take(2))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self.take(4))[0])
+
+    def text(self, length: int) -> str:
+        return self.take(length).decode("utf-8", "surrogateescape")
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        count = self.u16()
+        fields = []
+        for _ in range(count):
+            name = self.take(self.u16())
+            value = self.take(self.u32())
+            fields.append((name, value))
+        if self.position != len(self.data):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "bytes after the header list")
+        problem = _check_headers(fields)
+        if problem is not None:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, problem)
+        return tuple(fields)
+
+
+def encode_request_head(method: str, target: str, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A request head block. Raises LocalProtocolError for an invalid method, target or header."""
+    method_bytes = method.encode("ascii", "replace")
+    if not _is_token(method_bytes):
+        raise LocalProtocolError(f"method {method[:40]!r} is not a token")
+    problem = _check_target(target)
+    if problem is not None:
+        raise LocalProtocolError(problem)
+    target_bytes = target.encode("utf-8", "surrogateescape")
+    if len(method_bytes) > 0xFFFF:
+        raise LocalProtocolError("method too long")
+    parts = [_U16.pack(len(method_bytes)), method_bytes, _U32.pack(len(target_bytes)), target_bytes]
+    return b"".join(parts + _encode_headers(headers))
+
+
+def decode_request_head(payload: bytes) -> tuple[str, str, tuple[tuple[bytes, bytes], ...]]:
+    """(method, target, headers). Raises ProtocolError(PROTOCOL_ERROR) on any violation."""
+    reader = _Reader(payload)
+    method_bytes = reader.take(reader.u16())
+    if not _is_token(method_bytes):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"method {method_bytes[:40]!r} is not a token")
+    target = reader.text(reader.u32())
+    problem = _check_target(target)
+    if problem is not None:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, problem)
+    headers = reader.headers()
+    return method_bytes.decode("ascii"), target, headers
+
+
+def encode_response_head(status: int, reason: str, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A response head block. Raises LocalProtocolError for an invalid status, reason or header."""
+    if not isinstance(status, int) or not 100 <= status <= 599:
+        raise LocalProtocolError(f"status {status!r} not in 100-599")
+    reason_bytes = reason.encode("utf-8", "surrogateescape")
+    if not _BAD_IN_VALUE.isdisjoint(reason_bytes) or len(reason_bytes) > 0xFFFF:
+        raise LocalProtocolError("reason phrase has CR, LF or NUL, or is too long")
+    parts = [_U16.pack(status), _U16.pack(len(reason_bytes)), reason_bytes]
+    return b"".join(parts + _encode_headers(headers))
+
+
+def decode_response_head(payload: bytes) -> tuple[int, str, tuple[tuple[bytes, bytes], ...]]:
+    """(status, reason, headers). Raises ProtocolError(PROTOCOL_ERROR) on any violation."""
+    reader = _Reader(payload)
+    status = reader.u16()
+    if not 100 <= status <= 599:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"status {status} not in 100-599")
+    reason_bytes = reader.take(reader.u16())
+    if not _BAD_IN_VALUE.isdisjoint(reason_bytes):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "reason phrase has CR, LF or NUL")
+    headers = reader.headers()
+    return status, reason_bytes.decode("utf-8", "surrogateescape"), headers
+
+
+# -- HELLO / WELCOME --------------------------------------------------------------
+
+_SETTINGS_KEYS = ("max_frame_size", "max_concurrent_streams", "max_header_size", "stream_window", "tunnel_window")
+_ROLE_KEYS = ("role_id", "kind", "name", "internal_url", "paths")
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _settings_json(settings: Settings) -> dict[str, int]:
+    return {key: getattr(settings, key) for key in _SETTINGS_KEYS}
+
+
+def encode_hello(
+    site_code: str, connection_point: str, roles: Sequence[PublishedRole], settings: Settings
+) -> bytes:
+    """The HELLO payload: ``{"site_code", "connection_point", "roles": [...], "settings": {...}}``."""
+    return _json(
+        {
+            "site_code": site_code,
+            "connection_point": connection_point,
+            "roles": [
+                {
+                    "role_id": role.role_id,
+                    "kind": role.kind,
+                    "name": role.name,
+                    "internal_url": role.internal_url,
+                    "paths": list(role.paths),
+                }
+                for role in roles
+            ],
+            "settings": _settings_json(settings),
+        }
+    )
+
+
+def encode_welcome(instance: str, settings: Settings) -> bytes:
+    """The WELCOME payload: ``{"instance", "settings": {...}}``."""
+    return _json({"instance": instance, "settings": _settings_json(settings)})
+
+
+def _bad(what: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.PROTOCOL_ERROR, what)
+
+
+def _load_object(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _bad(f"{what} payload is not UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise _bad(f"{what} payload is not a JSON object")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _fields(obj: Any, keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise _bad(f"{what} is not an object")
+    if set(obj) != set(keys):
+        raise _bad(f"{what} has keys {sorted(obj)}, expected {sorted(keys)}")
+    return obj
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"{what} is not a string")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(f"{what} is not an integer")
+    return value
+
+
+def _decode_settings(value: Any) -> Settings:
+    obj = _fields(value, _SETTINGS_KEYS, "settings")
+    settings = Settings(**{key: _int(obj[key], f"settings.{key}") for key in _SETTINGS_KEYS})
+    problem = validate_settings(settings)
+    if problem is not None:
+        raise _bad(f"settings out of range: {problem}")
+    return settings
+
+
+def decode_hello(payload: bytes) -> HelloReceived:
+    """Raises ProtocolError(PROTOCOL_ERROR) for bad JSON, missing/extra keys or wrong types."""
+    obj = _fields(_load_object(payload, "HELLO"), ("site_code", "connection_point", "roles", "settings"), "HELLO")
+    roles_value = obj["roles"]
+    if not isinstance(roles_value, list):
+        raise _bad("HELLO roles is not a list")
+    roles = []
+    for index, item in enumerate(roles_value):
+        role = _fields(item, _ROLE_KEYS, f"HELLO roles[{index}]")
+        paths = role["paths"]
+        if not isinstance(paths, list):
+            raise _bad(f"HELLO roles[{index}].paths is not a list")
+        roles.append(
+            PublishedRole(
+                role_id=_int(role["role_id"], "role_id"),
+                kind=_str(role["kind"], "kind"),
+                name=_str(role["name"], "name"),
+                internal_url=_str(role["internal_url"], "internal_url"),
+                paths=tuple(_str(path, "path") for path in paths),
+            )
+        )
+    return HelloReceived(
+        site_code=_str(obj["site_code"], "site_code"),
+        connection_point=_str(obj["connection_point"], "connection_point"),
+        roles=tuple(roles),
+        settings=_decode_settings(obj["settings"]),
+    )
+
+
+def decode_welcome(payload: bytes) -> WelcomeReceived:
+    """Raises ProtocolError(PROTOCOL_ERROR) for bad JSON, missing/extra keys or wrong types."""
+    obj = _fields(_load_object(payload, "WELCOME"), ("instance", "settings"), "WELCOME")
+    return WelcomeReceived(instance=_str(obj["instance"], "instance"), settings=_decode_settings(obj["settings"]))

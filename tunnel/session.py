@@ -1,0 +1,643 @@
+"""A thin asyncio driver for :class:`~tunnel.protocol.TunnelProtocol` over a websocket.
+
+Every protocol decision is in :mod:`tunnel.protocol`; this module only moves bytes
+and wakes tasks. Used by both ends, over any object with ``async send(bytes)``,
+``async recv()`` (raises once the connection is closed) and
+``async close(code, reason)``, such as the connections of ``websockets.asyncio``.
+
+Tasks: ``run()`` reads messages and feeds the protocol; one writer task flushes
+``protocol.data_to_send()`` in order (its awaited ``send`` carries the websocket's
+backpressure to the writers of streams); one task sends pings and enforces the ping
+timeout; each incoming request (connector side) runs ``on_request(stream)`` in a
+tracked task.
+
+Logging: DEBUG per stream, INFO when a tunnel opens or closes, WARNING when the peer
+broke the protocol, ERROR (with traceback) when our own code failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Protocol as TypingProtocol
+
+from .codes import ErrorCode
+from .errors import (
+    ProtocolError,
+    StreamClosedError,
+    StreamResetError,
+    TunnelClosedError,
+    TunnelError,
+)
+from .events import (
+    DataReceived,
+    DrainReceived,
+    Event,
+    HelloReceived,
+    PongReceived,
+    PublishedRole,
+    RequestReceived,
+    ResponseReceived,
+    StreamReset,
+    TunnelClosed,
+    WelcomeReceived,
+    WindowUpdated,
+)
+from .frames import truncate_reason
+from .protocol import TunnelProtocol
+
+__all__ = ["TunnelSession", "TunnelStream", "WebSocketLike"]
+
+#: How long closing may take (flushing CLOSE, the websocket closing handshake).
+CLOSE_TIMEOUT = 5.0
+#: Frames are coalesced into websocket messages of about this size.
+MESSAGE_SIZE = 65536
+
+_WS_NORMAL = 1000
+_WS_PROTOCOL_ERROR = 1002
+_WS_INTERNAL_ERROR = 1011
+
+
+class WebSocketLike(TypingProtocol):
+    async def send(self, message: bytes) -> None: ...
+
+    async def recv(self) -> bytes | str: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+class TunnelStream:
+    """One request/response exchange on a tunnel, as seen by either end."""
+
+    def __init__(self, session: TunnelSession, stream_id: int, request: RequestReceived | None = None) -> None:
+        self.stream_id = stream_id
+        self.request = request
+        self._session = session
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._readable = asyncio.Event()
+        self._credit = asyncio.Event()
+        self._response: ResponseReceived | None = None
+        self._read_error: TunnelError | None = None
+        self._write_error: TunnelError | None = None
+        self._reset_code: ErrorCode | None = None
+        if request is not None and request.end_stream:
+            self._eof = True
+
+    def __repr__(self) -> str:
+        return f"<TunnelStream {self._session.name} #{self.stream_id}>"
+
+    @property
+    def reset_code(self) -> ErrorCode | None:
+        """The code of the RESET that ended this stream (either side), if any."""
+        return self._reset_code
+
+    @property
+    def done(self) -> bool:
+        """Whether the stream is over on the wire (both ends finished, reset, or tunnel gone)."""
+        return not self._session.protocol.stream_is_open(self.stream_id)
+
+    async def response(self) -> ResponseReceived:
+        """Gateway side: wait for the response head. Raises StreamResetError, TunnelClosedError."""
+        while self._response is None:
+            if self._read_error is not None:
+                raise self._read_error
+            self._readable.clear()
+            await self._readable.wait()
+        return self._response
+
+    async def send_response(self, status: int, reason: str, headers: Headers, end_stream: bool = False) -> None:
+        """Connector side: send the response head."""
+        self._check_writable()
+        self._session.protocol.send_response(self.stream_id, status, reason, headers, end_stream)
+        await self._session._flush()
+        self._session._forget(self)
+
+    async def write(self, data: bytes) -> None:
+        """Send body bytes, waiting for flow-control credit as needed.
+
+        Raises StreamResetError, TunnelClosedError, StreamClosedError (after end()).
+        """
+        protocol = self._session.protocol
+        view = memoryview(data)
+        while view:
+            self._check_writable()
+            available = protocol.available_window(self.stream_id)
+            if available == 0:
+                self._credit.clear()
+                self._session._credit_waiters.add(self)
+                try:
+                    await self._credit.wait()
+                finally:
+                    self._session._credit_waiters.discard(self)
+                continue
+            chunk, view = view[:available], view[available:]
+            protocol.send_data(self.stream_id, bytes(chunk))
+            await self._session._flush()
+
+    async def end(self) -> None:
+        """Send END_STREAM; a no-op if already sent. Raises StreamResetError, TunnelClosedError."""
+        if self._write_error is not None:
+            raise self._write_error
+        if not self._session.protocol.stream_can_send(self.stream_id):
+            return
+        self._session.protocol.end_stream(self.stream_id)
+        await self._session._flush()
+        self._session._forget(self)
+
+    async def read(self) -> bytes:
+        """The next chunk of the peer's body; b"" once it ended.
+
+        Returning a chunk returns its credit to the peer, so at most one stream
+        window is ever buffered. Raises StreamResetError, TunnelClosedError.
+        """
+        while True:
+            if self._read_error is not None:
+                raise self._read_error
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._session._acknowledge(self.stream_id, len(chunk))
+                return chunk
+            if self._eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+
+    def reset(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
+        """Abandon the stream: RESET if it is still open; buffered data is dropped either way."""
+        protocol = self._session.protocol
+        if protocol.stream_is_open(self.stream_id):
+            protocol.reset_stream(self.stream_id, code, reason)  # credits the buffered bytes back
+            self._chunks.clear()
+            self._fail(StreamResetError(code, reason or "reset locally"), code)
+        elif self._chunks:
+            buffered = sum(len(chunk) for chunk in self._chunks)
+            self._chunks.clear()
+            self._session._acknowledge(self.stream_id, buffered)
+        self._session._forget(self)
+        self._session._kick()
+
+    # -- driven by the session ---------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
+        if not self._session.protocol.stream_can_send(self.stream_id):
+            if self._session.protocol.closed:
+                raise TunnelClosedError(self._session.close_reason or "the tunnel is closed")
+            raise StreamClosedError(f"stream {self.stream_id} is closed for sending")
+
+    def _wake(self) -> None:
+        self._readable.set()
+        self._credit.set()
+
+    def _fail(self, error: TunnelError, reset_code: ErrorCode | None = None) -> None:
+        if self._reset_code is None and reset_code is not None:
+            self._reset_code = reset_code
+        if self._write_error is None:
+            self._write_error = error
+        if self._read_error is None:
+            self._read_error = error
+        self._wake()
+
+    def _tunnel_closed(self, error: TunnelClosedError) -> None:
+        # A body that already ended stays readable; anything unfinished fails.
+        if self._write_error is None:
+            self._write_error = error
+        if self._read_error is None and not self._eof:
+            self._read_error = error
+            self._chunks.clear()
+        self._wake()
+
+
+class TunnelSession:
+    """Runs a TunnelProtocol over a websocket until the tunnel ends."""
+
+    def __init__(
+        self,
+        protocol: TunnelProtocol,
+        websocket: WebSocketLike,
+        *,
+        ping_interval: float = 10.0,
+        ping_timeout: float = 30.0,
+        on_request: Callable[[TunnelStream], Awaitable[None]] | None = None,
+        logger: logging.Logger | None = None,
+        name: str = "",
+    ) -> None:
+        self.protocol = protocol
+        self.websocket = websocket
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.on_request = on_request
+        self.logger = logger if logger is not None else logging.getLogger("tunnel.session")
+        self.name = name or protocol.role.value
+        self.hello: HelloReceived | None = protocol.peer_hello
+        self.welcome: WelcomeReceived | None = protocol.peer_welcome
+        self.rtt: float | None = protocol.last_rtt
+        self.close_reason: str | None = None
+        self._streams: dict[int, TunnelStream] = {}
+        self._credit_waiters: set[TunnelStream] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._queued_gen = 0
+        self._sent_gen = 0
+        self._writer_done = False
+        self._hello_event = asyncio.Event()
+        self._handshake_event = asyncio.Event()
+        self._closed_event = asyncio.Event()
+        self._started = False
+        self._ws_close_code = _WS_NORMAL
+        self._reader_task: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        if self.hello is not None:
+            self._hello_event.set()
+        if protocol.handshake_done:
+            self._handshake_event.set()
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.protocol.closed or self._closed_event.is_set()
+
+    @property
+    def peer_draining(self) -> bool:
+        return self.protocol.peer_draining
+
+    @property
+    def local_draining(self) -> bool:
+        return self.protocol.local_draining
+
+    @property
+    def open_streams(self) -> int:
+        return self.protocol.open_streams
+
+    # -- public API --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Drive the tunnel until it ends; never raises except CancelledError."""
+        if self._started:
+            raise RuntimeError("TunnelSession.run() called twice")
+        self._started = True
+        self._kick()  # HELLO / WELCOME may be queued already
+        reader = self._reader_task = asyncio.create_task(self._read_loop(), name=f"{self.name} tunnel reader")
+        writer = self._writer_task = asyncio.create_task(self._write_loop(), name=f"{self.name} tunnel writer")
+        pinger = asyncio.create_task(self._ping_loop(), name=f"{self.name} tunnel pinger")
+        try:
+            await asyncio.wait({reader})
+        finally:
+            await self._shutdown(reader, writer, pinger)
+
+    async def wait_hello(self) -> HelloReceived:
+        """Gateway side: wait for the connector's HELLO. Raises TunnelClosedError."""
+        await self._wait_for(self._hello_event)
+        assert self.hello is not None
+        return self.hello
+
+    async def wait_handshake(self) -> None:
+        """Wait until HELLO and WELCOME were exchanged. Raises TunnelClosedError."""
+        await self._wait_for(self._handshake_event)
+
+    def send_hello(self, site_code: str, connection_point: str, roles: Sequence[PublishedRole]) -> None:
+        self.protocol.send_hello(site_code, connection_point, roles)
+        self._kick()
+
+    def send_welcome(self, instance: str) -> None:
+        self.protocol.send_welcome(instance)
+        self._kick()
+        self._handshake_event.set()
+
+    async def open_stream(self, method: str, target: str, headers: Headers, end_stream: bool = False) -> TunnelStream:
+        """Gateway side: send a request head on a new stream.
+
+        Raises DrainingError, TooManyStreamsError, LocalProtocolError, TunnelClosedError.
+        """
+        if self.closed:
+            raise TunnelClosedError(self.close_reason or "the tunnel is closed")
+        stream_id = self.protocol.open_stream(method, target, headers, end_stream)
+        stream = TunnelStream(self, stream_id)
+        self._streams[stream_id] = stream
+        self.logger.debug("%s: opened stream %d: %s %s", self.name, stream_id, method, target)
+        await self._flush()
+        return stream
+
+    async def drain(self) -> None:
+        """Tell the peer to open no new streams; streams in flight go on."""
+        if self.closed:
+            return
+        self.protocol.drain()
+        self.logger.info("%s: draining the tunnel", self.name)
+        await self._flush()
+
+    async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Send CLOSE, close the websocket and wait until the session is over."""
+        self._local_close(code, reason)
+        if self._started:
+            await self.wait_closed()
+        elif not self._closed_event.is_set():
+            self._fail_streams()
+            await self._close_websocket()
+            self._closed_event.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
+
+    # -- internals: writing --------------------------------------------------------
+
+    def _kick(self) -> int:
+        if self.protocol.handshake_done and not self._handshake_event.is_set():
+            self._handshake_event.set()  # the application drove the handshake on the protocol
+        self._queued_gen += 1
+        self._wakeup.set()
+        return self._queued_gen
+
+    async def _flush(self) -> None:
+        """Wait until everything queued so far was handed to the websocket."""
+        generation = self._kick()
+        while self._sent_gen < generation:
+            if self._writer_done:
+                raise TunnelClosedError(self.close_reason or "the tunnel is closed")
+            await self._progress.wait()
+
+    def _notify_progress(self) -> None:
+        progress, self._progress = self._progress, asyncio.Event()
+        progress.set()
+
+    async def _send_all(self, frames: list[bytes]) -> None:
+        for message in _coalesce(frames):
+            await self.websocket.send(message)
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                generation = self._queued_gen
+                await self._send_all(self.protocol.data_to_send())
+                if self.protocol.closed:
+                    await self._send_all(self.protocol.data_to_send())
+                    break
+                self._sent_gen = generation
+                self._notify_progress()
+        except Exception as exc:  # the connection is gone: the reader will notice too
+            self.logger.debug("%s: sending failed: %r", self.name, exc)
+            if not self.protocol.closed:
+                self._set_reason(f"connection lost while sending ({type(exc).__name__})")
+                self.protocol.close(ErrorCode.INTERNAL_ERROR, "connection lost")
+        finally:
+            self._writer_done = True
+            self._notify_progress()
+        await self._close_websocket()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+
+    async def _close_websocket(self) -> None:
+        reason = truncate_reason(self.close_reason or "", 120).decode("utf-8")
+        try:
+            await asyncio.wait_for(self.websocket.close(self._ws_close_code, reason), CLOSE_TIMEOUT)
+        except Exception as exc:
+            self.logger.debug("%s: closing the websocket failed: %r", self.name, exc)
+
+    # -- internals: reading --------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while not self.protocol.closed:
+            try:
+                message = await self.websocket.recv()
+            except Exception as exc:
+                if not self.protocol.closed:
+                    self._set_reason(f"connection lost ({type(exc).__name__}: {exc})")
+                    self.protocol.close(ErrorCode.INTERNAL_ERROR, "connection lost")
+                return
+            try:
+                if isinstance(message, str):
+                    self.protocol.close(ErrorCode.PROTOCOL_ERROR, "text message on the tunnel")
+                    raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "text message on the tunnel")
+                events = self.protocol.receive_data(message)
+            except ProtocolError as exc:
+                self._ws_close_code = _WS_PROTOCOL_ERROR
+                self._set_reason(f"protocol error: {exc}")
+                self.logger.warning("%s: the peer broke the tunnel protocol, closing: %s", self.name, exc)
+                self._kick()
+                return
+            try:
+                for event in events:
+                    self._handle_event(event)
+            except Exception:
+                self.logger.exception("%s: internal error while handling tunnel events", self.name)
+                self._ws_close_code = _WS_INTERNAL_ERROR
+                self._set_reason("internal error")
+                self.protocol.close(ErrorCode.INTERNAL_ERROR, "internal error")
+            self._kick()
+
+    def _handle_event(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:  # nobody will read it: give the credit back at once
+                self.protocol.acknowledge_received_data(event.stream_id, len(event.data))
+                return
+            if event.data:
+                stream._chunks.append(event.data)
+            if event.end_stream:
+                stream._eof = True
+                self._forget(stream)
+            stream._readable.set()
+        elif isinstance(event, WindowUpdated):
+            if event.stream_id == 0:
+                for waiter in self._credit_waiters:
+                    waiter._credit.set()
+            else:
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._credit.set()
+        elif isinstance(event, RequestReceived):
+            self._start_request(event)
+        elif isinstance(event, ResponseReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                self.protocol.reset_stream(event.stream_id, ErrorCode.CANCEL)
+                return
+            stream._response = event
+            if event.end_stream:
+                stream._eof = True
+                self._forget(stream)
+            stream._readable.set()
+        elif isinstance(event, StreamReset):
+            stream = self._streams.pop(event.stream_id, None)
+            self.logger.debug("%s: stream %d reset by the peer: %s", self.name, event.stream_id, event.code.name)
+            if stream is not None:
+                stream._chunks.clear()  # the protocol credited them back
+                stream._fail(StreamResetError(event.code, event.reason), event.code)
+        elif isinstance(event, PongReceived):
+            self.rtt = event.rtt
+        elif isinstance(event, HelloReceived):
+            self.hello = event
+            self.logger.info(
+                "%s: HELLO from connection point %s of site %s", self.name, event.connection_point, event.site_code
+            )
+            self._hello_event.set()
+        elif isinstance(event, WelcomeReceived):
+            self.welcome = event
+            self.logger.info("%s: WELCOME from gateway instance %s", self.name, event.instance)
+            self._handshake_event.set()
+        elif isinstance(event, DrainReceived):
+            self.logger.info("%s: the peer is draining the tunnel", self.name)
+        elif isinstance(event, TunnelClosed):
+            self._set_reason(
+                f"closed by the peer ({event.code.name}" + (f": {event.reason})" if event.reason else ")")
+            )
+        # PingReceived: the protocol queued the PONG already.
+
+    def _start_request(self, event: RequestReceived) -> None:
+        stream = TunnelStream(self, event.stream_id, request=event)
+        self._streams[event.stream_id] = stream
+        if self.on_request is None:
+            self.protocol.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM, "no request handler")
+            self._forget(stream)
+            return
+        self.logger.debug("%s: stream %d: %s %s", self.name, event.stream_id, event.method, event.target)
+        task = asyncio.create_task(self._serve(stream, self.on_request), name=f"{self.name} stream {event.stream_id}")
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _serve(self, stream: TunnelStream, handler: Callable[[TunnelStream], Awaitable[None]]) -> None:
+        try:
+            await handler(stream)
+        except asyncio.CancelledError:
+            stream.reset(ErrorCode.CANCEL)
+            raise
+        except (StreamResetError, TunnelClosedError) as exc:
+            self.logger.debug("%s: stream %d ended early: %s", self.name, stream.stream_id, exc)
+            stream.reset(ErrorCode.CANCEL)
+        except Exception:
+            self.logger.exception("%s: request handler failed on stream %d", self.name, stream.stream_id)
+            stream.reset(ErrorCode.INTERNAL_ERROR)  # never the exception text on the wire
+        else:
+            if self.protocol.stream_can_send(stream.stream_id):
+                self.logger.error(
+                    "%s: request handler returned without ending stream %d", self.name, stream.stream_id
+                )
+                stream.reset(ErrorCode.INTERNAL_ERROR)
+            else:
+                # The response is complete; drop any request body nobody read.
+                stream.reset(ErrorCode.NO_ERROR)
+
+    def _acknowledge(self, stream_id: int, n: int) -> None:
+        if n and not self.protocol.closed:
+            self.protocol.acknowledge_received_data(stream_id, n)
+            self._kick()
+
+    def _forget(self, stream: TunnelStream) -> None:
+        if not self.protocol.stream_is_open(stream.stream_id):
+            if self._streams.get(stream.stream_id) is stream:
+                del self._streams[stream.stream_id]
+
+    # -- internals: pings, closing ---------------------------------------------------
+
+    async def _ping_loop(self) -> None:
+        clock = self.protocol.clock
+        try:
+            await asyncio.wait_for(self._handshake_event.wait(), self.ping_timeout)
+        except TimeoutError:
+            self._local_close(ErrorCode.TIMEOUT, f"no handshake within {self.ping_timeout:g} s")
+            return
+        next_ping = clock() + self.ping_interval
+        while not self.protocol.closed:
+            now = clock()
+            since = self.protocol.ping_outstanding_since
+            if since is not None and now - since >= self.ping_timeout:
+                self.logger.warning("%s: no PONG within %g s, closing the tunnel", self.name, self.ping_timeout)
+                self._local_close(ErrorCode.TIMEOUT, f"ping timeout: no PONG within {self.ping_timeout:g} s")
+                return
+            if now >= next_ping:
+                self.protocol.ping()
+                self._kick()
+                next_ping = now + self.ping_interval
+                since = self.protocol.ping_outstanding_since
+            deadline = next_ping if since is None else min(next_ping, since + self.ping_timeout)
+            await asyncio.sleep(max(0.001, deadline - clock()))
+
+    def _set_reason(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+
+    def _local_close(self, code: ErrorCode, reason: str) -> None:
+        if self.protocol.closed:
+            return
+        self.protocol.close(code, reason)
+        self._set_reason(f"closed locally ({code.name}" + (f": {reason})" if reason else ")"))
+        self._kick()
+        if self._started and self._watchdog is None and not self._closed_event.is_set():
+            self._watchdog = asyncio.create_task(self._force_close_later())
+
+    async def _force_close_later(self) -> None:
+        # If the peer stopped reading, the writer may be stuck: do not wait forever.
+        await asyncio.sleep(CLOSE_TIMEOUT)
+        for task in (self._writer_task, self._reader_task):
+            if task is not None:
+                task.cancel()
+
+    async def _wait_for(self, event: asyncio.Event) -> None:
+        if event.is_set():
+            return
+        if self.closed:
+            raise TunnelClosedError(self.close_reason or "the tunnel is closed")
+        waiter = asyncio.ensure_future(event.wait())
+        closed = asyncio.ensure_future(self._closed_event.wait())
+        try:
+            await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            closed.cancel()
+        if not event.is_set():
+            raise TunnelClosedError(self.close_reason or "the tunnel is closed")
+
+    def _fail_streams(self) -> None:
+        error = TunnelClosedError(self.close_reason or "the tunnel is closed")
+        for stream in list(self._streams.values()):
+            stream._tunnel_closed(error)
+        self._streams.clear()
+
+    async def _shutdown(self, reader: asyncio.Task[None], writer: asyncio.Task[None], pinger: asyncio.Task[None]) -> None:
+        if not self.protocol.closed:  # run() was cancelled
+            self._set_reason("session cancelled")
+            self.protocol.close(ErrorCode.CANCEL, "session cancelled")
+        self._set_reason("the tunnel is closed")
+        self._fail_streams()
+        pinger.cancel()
+        self._kick()
+        try:
+            await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT)
+        finally:
+            tasks: list[asyncio.Task[None]] = [reader, writer, pinger, *self._handlers]
+            if self._watchdog is not None:
+                tasks.append(self._watchdog)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close_websocket()
+            self._writer_done = True
+            self._notify_progress()
+            self._closed_event.set()
+            self.logger.info("%s: tunnel closed: %s", self.name, self.close_reason)
+
+
+def _coalesce(frames: Iterable[bytes]) -> Iterable[bytes]:
+    """Join consecutive small frames into messages of about MESSAGE_SIZE bytes."""
+    batch: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if batch and size + len(frame) > MESSAGE_SIZE:
+            yield b"".join(batch)
+            batch, size = [], 0
+        batch.append(frame)
+        size += len(frame)
+    if batch:
+        yield b"".join(batch)
