@@ -89,7 +89,7 @@ class ConnectionPoint:
                 async with connect(
                     url, ssl=ctx, server_hostname=cfg.service_name, subprotocols=[SUBPROTOCOL],
                     compression=None, ping_interval=None, ping_timeout=None, proxy=None,
-                    max_size=cfg.limits.max_frame_size + cfg.limits.max_header_size + 1024,
+                    max_size=2 * (cfg.limits.max_frame_size + cfg.limits.max_header_size) + 2**20,
                     max_queue=64, write_limit=cfg.limits.max_frame_size * 4,
                     open_timeout=cfg.limits.open_timeout, user_agent_header=None,
                 ) as ws:

@@ -63,7 +63,7 @@ class TunnelEndpoint:
             self._handle, self._config.bind, self._config.tunnel_port, ssl=self._ssl,
             process_request=self._check_version, select_subprotocol=self._select,
             compression=None, ping_interval=None, ping_timeout=None,
-            max_size=lim.max_frame_size + lim.max_header_size + 1024,
+            max_size=2 * (lim.max_frame_size + lim.max_header_size) + 2**20,  # frames coalesce; a HELLO may be 1 MiB
             max_queue=64, write_limit=lim.max_frame_size * 4,
             open_timeout=lim.open_timeout, server_header=None, logger=self._log.getChild("ws"),
         )
