@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from tunnel.limits import Limits
+
 ROLE_ID_BASE = 2**56
 MAX_INSTANCES = 16
 
@@ -50,6 +52,16 @@ class TunnelLimits:
     ping_interval: float = 10.0
     ping_timeout: float = 30.0
     open_timeout: float = 10.0
+
+    def protocol_limits(self) -> Limits:
+        """What this end of a tunnel announces it can receive."""
+        return Limits(
+            max_frame_size=int(self.max_frame_size),
+            max_concurrent_streams=int(self.max_concurrent_streams),
+            max_header_size=int(self.max_header_size),
+            stream_window=int(self.stream_window),
+            tunnel_window=int(self.tunnel_window),
+        )
 
 
 @dataclass(frozen=True)
@@ -525,6 +537,10 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
         raise ConfigError(f"'tunnel.max_frame_size' must be 1024 to 16777216, not {lim.max_frame_size}")
     if lim.stream_window > lim.tunnel_window:
         raise ConfigError("'tunnel.stream_window' is greater than 'tunnel.tunnel_window'")
+    try:
+        lim.protocol_limits()
+    except ValueError as exc:
+        raise ConfigError(f"'[tunnel]' {exc}") from None
     if lim.ping_timeout <= lim.ping_interval:
         raise ConfigError("'tunnel.ping_timeout' must be greater than 'tunnel.ping_interval'")
 

@@ -20,7 +20,6 @@ from cmg.config import ConnectionPointConfig
 from tunnel import (
     SUBPROTOCOL,
     ErrorCode,
-    Limits,
     PublishedRole,
     Role,
     TunnelClosedError,
@@ -45,12 +44,7 @@ class ConnectionPoint:
         self.connected: dict[int, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        lim = config.limits
-        self._limits = Limits(
-            max_frame_size=lim.max_frame_size, max_concurrent_streams=lim.max_concurrent_streams,
-            max_header_size=lim.max_header_size, stream_window=lim.stream_window,
-            tunnel_window=lim.tunnel_window,
-        )
+        self._limits = config.limits.protocol_limits()
         self._roles = tuple(
             PublishedRole(r.role_id, r.kind, r.name, r.internal_url, r.endpoints) for r in config.roles
         )

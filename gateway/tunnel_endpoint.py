@@ -21,7 +21,6 @@ from websockets.http11 import Request, Response
 from cmg.config import GatewayConfig
 from tunnel import (
     ErrorCode,
-    Limits,
     Role,
     TunnelClosedError,
     TunnelProtocol,
@@ -31,17 +30,6 @@ from tunnel import (
 )
 
 from .routing import ConnectorLink, Routes
-
-
-def limits_of(config: GatewayConfig) -> Limits:
-    lim = config.limits
-    return Limits(
-        max_frame_size=lim.max_frame_size,
-        max_concurrent_streams=lim.max_concurrent_streams,
-        max_header_size=lim.max_header_size,
-        stream_window=lim.stream_window,
-        tunnel_window=lim.tunnel_window,
-    )
 
 
 class TunnelEndpoint:
@@ -94,7 +82,7 @@ class TunnelEndpoint:
         cert_name = _certificate_cn(ws)
         lim = self._config.limits
         session = TunnelSession(
-            TunnelProtocol(Role.GATEWAY, limits_of(self._config)), ws,
+            TunnelProtocol(Role.GATEWAY, lim.protocol_limits()), ws,
             ping_interval=lim.ping_interval, ping_timeout=lim.ping_timeout,
             logger=self._log, name=f"{cert_name}@{peer}",
         )
