@@ -30,6 +30,12 @@ MAX_INSTANCES = 16
 
 DEFAULT_SERVICE_NAME = "GraniteFalls.WestUS.CloudApp.Azure.Com"
 DEFAULT_SITE_CODE = "PS1"
+# Fixed identities of the default deployment (any GUIDs would do; fixed ones keep
+# logs and tokens comparable between runs).
+DEFAULT_TENANT_ID = "6f0e1f5c-3d1b-4a8e-9c4f-2b7d8a1e5c30"
+DEFAULT_SERVER_APP_ID = "0a4f2d6e-8b1c-4e3f-a5d7-9c2b4e6f8a10"
+DEFAULT_CLIENT_APP_ID = "5e7c9a1b-3d5f-4b7e-8c9a-1b3d5f7e9c21"
+DEFAULT_TOKEN_ISSUER_ID = "2b9d4f6a-8c1e-4a3b-9d5f-7e1a3c5b7d92"
 ROLE_KINDS = ("MP", "SUP", "DP", "AdminService")
 
 
@@ -90,6 +96,37 @@ class TLSFiles:
 
 
 @dataclass(frozen=True)
+class EntraConfig:
+    """The Microsoft Entra ID tenant and the two app registrations (Azure Services wizard)."""
+
+    enabled: bool
+    tenant_id: str
+    tenant_name: str
+    server_app_id: str
+    server_app_id_uri: str
+    client_app_id: str
+    authority: str  # base URL of the tenant's endpoints (the mock tenant by default)
+    onboarded_tenants: tuple[str, ...]
+
+    @property
+    def metadata_url(self) -> str:
+        return f"{self.authority}/{self.tenant_id}/v2.0/.well-known/openid-configuration"
+
+
+@dataclass(frozen=True)
+class ClientAuthConfig:
+    """How the CMG authenticates clients beyond TLS."""
+
+    verify_revocation: bool  # "Verify client certificate revocation"
+    crl_unavailable: str  # "refuse" or "allow" when a CRL cannot be read (logged either way)
+    crl_files: tuple[Path, ...]
+    clock_skew: float  # seconds of leeway on token exp/nbf
+    entra: EntraConfig
+    token_issuer_id: str  # site-issued tokens: iss urn:sccm:oauth2:<this>
+    token_signing_certificate: Path  # the site's token-signing certificate (public part)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """One gateway instance (a VM of the CMG's scale set)."""
 
@@ -108,6 +145,7 @@ class GatewayConfig:
     max_request_body: int
     drain_timeout: float
     traffic_summary_interval: float
+    client_auth: ClientAuthConfig
 
 
 @dataclass(frozen=True)
@@ -147,6 +185,10 @@ class SiteConfig:
     data_dir: Path
     logs_dir: Path
     log_format: str
+    entra_port: int
+    client_auth: ClientAuthConfig
+    token_signing_certificate: Path
+    token_signing_key: Path
 
 
 # --- the file's schema ------------------------------------------------------------
@@ -190,6 +232,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "mp_port": int,
         "sup_port": int,
         "dp_port": int,
+        "entra_port": int,
+        "token_issuer_id": str,
         "data_dir": str,
         "roles": list,
     },
@@ -203,6 +247,22 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "tunnel": {f.name: (int, float) if f.type == "float" else int
                for f in dataclasses.fields(TunnelLimits)},
     "logging": {"dir": str, "format": str},
+    "client_auth": {
+        "verify_revocation": bool,
+        "crl_unavailable": str,
+        "crls": list,
+        "clock_skew": (int, float),
+    },
+    "entra": {
+        "enabled": bool,
+        "tenant_id": str,
+        "tenant_name": str,
+        "server_app_id": str,
+        "server_app_id_uri": str,
+        "client_app_id": str,
+        "authority": str,
+        "onboarded_tenants": list,
+    },
 }
 _ROLE_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "role_id": int, "kind": str, "name": str, "internal_url": str, "endpoints": list,
@@ -271,6 +331,13 @@ class Deployment:
     mp_port: int = 8003
     sup_port: int = 8530
     dp_port: int = 8004
+    entra_port: int = 8006
+    token_issuer_id: str = DEFAULT_TOKEN_ISSUER_ID
+    verify_revocation: bool = True
+    crl_unavailable: str = "refuse"
+    crls: tuple[str, ...] = ("issuing-ca.crl", "root-ca.crl")
+    clock_skew: float = 300.0
+    entra: Mapping[str, Any] = field(default_factory=dict)
     data_dir: str = "data"
     roles: tuple[RoleConfig, ...] = ()
     connection_point_names: tuple[str, ...] = ("CMGCP01",)
@@ -319,6 +386,33 @@ class Deployment:
             connection_point_ca=inside("connection_point_ca", "site-ca.pem"),
         )
 
+    def entra_config(self) -> EntraConfig:
+        e = self.entra
+        tenant = e.get("tenant_id", DEFAULT_TENANT_ID)
+        host = self.site_bind if self.site_bind not in ("0.0.0.0", "::") else "127.0.0.1"
+        return EntraConfig(
+            enabled=e.get("enabled", True),
+            tenant_id=tenant,
+            tenant_name=e.get("tenant_name", "contoso.onmicrosoft.com"),
+            server_app_id=e.get("server_app_id", DEFAULT_SERVER_APP_ID),
+            server_app_id_uri=e.get("server_app_id_uri", "https://ConfigMgrService"),
+            client_app_id=e.get("client_app_id", DEFAULT_CLIENT_APP_ID),
+            authority=e.get("authority", f"http://{host}:{self.entra_port}").rstrip("/"),
+            onboarded_tenants=tuple(e.get("onboarded_tenants", [tenant])),
+        )
+
+    def client_auth(self) -> ClientAuthConfig:
+        d = self.certs_dir
+        return ClientAuthConfig(
+            verify_revocation=self.verify_revocation,
+            crl_unavailable=self.crl_unavailable,
+            crl_files=tuple(Path(c) if Path(c).is_absolute() else d / c for c in self.crls),
+            clock_skew=self.clock_skew,
+            entra=self.entra_config(),
+            token_issuer_id=self.token_issuer_id,
+            token_signing_certificate=d / "token-signing.pem",
+        )
+
     def tunnel_port(self, instance: int) -> int:
         return self.tunnel_base_port + instance
 
@@ -343,6 +437,7 @@ class Deployment:
             max_request_body=self.max_request_body,
             drain_timeout=self.drain_timeout,
             traffic_summary_interval=self.traffic_summary_interval,
+            client_auth=self.client_auth(),
         )
 
     def connection_point(self, name: str) -> ConnectionPointConfig:
@@ -384,6 +479,10 @@ class Deployment:
             data_dir=self.path(self.data_dir),
             logs_dir=self.path(self.logs_dir),
             log_format=self.log_format,
+            entra_port=self.entra_port,
+            client_auth=self.client_auth(),
+            token_signing_certificate=self.certs_dir / "token-signing.pem",
+            token_signing_key=self.certs_dir / "token-signing.key",
         )
 
     def role(self, kind: str) -> RoleConfig:
@@ -499,11 +598,41 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
     site_bind = _address("site.bind", site.get("bind", "127.0.0.1"))
     kw["site_bind"] = site_bind
     ports = {}
-    for key, default in (("mp_port", 8003), ("sup_port", 8530), ("dp_port", 8004)):
+    for key, default in (("mp_port", 8003), ("sup_port", 8530), ("dp_port", 8004), ("entra_port", 8006)):
         ports[key] = _port(f"site.{key}", site.get(key, default), allow_zero=True)
         kw[key] = ports[key]
     if "data_dir" in site:
         kw["data_dir"] = site["data_dir"]
+    if "token_issuer_id" in site:
+        kw["token_issuer_id"] = _guid("site.token_issuer_id", site["token_issuer_id"])
+
+    auth = data.get("client_auth", {})
+    if "verify_revocation" in auth:
+        kw["verify_revocation"] = auth["verify_revocation"]
+    if "crl_unavailable" in auth:
+        if auth["crl_unavailable"] not in ("refuse", "allow"):
+            raise ConfigError(f"'client_auth.crl_unavailable' must be 'refuse' or 'allow', not {auth['crl_unavailable']!r}")
+        kw["crl_unavailable"] = auth["crl_unavailable"]
+    if "crls" in auth:
+        if not all(isinstance(c, str) and c for c in auth["crls"]):
+            raise ConfigError("'client_auth.crls' must be a list of CRL file names")
+        kw["crls"] = tuple(auth["crls"])
+    if "clock_skew" in auth:
+        if not 0 <= auth["clock_skew"] <= 3600:
+            raise ConfigError(f"'client_auth.clock_skew' must be 0 to 3600 seconds, not {auth['clock_skew']}")
+        kw["clock_skew"] = float(auth["clock_skew"])
+
+    entra = dict(data.get("entra", {}))
+    for key in ("tenant_id", "server_app_id", "client_app_id"):
+        if key in entra:
+            entra[key] = _guid(f"entra.{key}", entra[key])
+    if "onboarded_tenants" in entra:
+        entra["onboarded_tenants"] = [_guid("entra.onboarded_tenants", t) for t in entra["onboarded_tenants"]]
+    if "authority" in entra and not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", entra["authority"]):
+        raise ConfigError(f"'entra.authority' must be an http(s) URL, not {entra['authority']!r}")
+    if "server_app_id_uri" in entra and not re.match(r"^[a-z][a-z0-9+.-]*:\S+$", entra["server_app_id_uri"]):
+        raise ConfigError(f"'entra.server_app_id_uri' must be a URI, not {entra['server_app_id_uri']!r}")
+    kw["entra"] = entra
     if "roles" in site:
         kw["roles"] = _roles(site["roles"])
     else:
@@ -551,6 +680,15 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
         raise ConfigError(f"'logging.format' must be 'cmtrace' or 'json', not {fmt!r}")
     kw["log_format"] = fmt
     return Deployment(**kw)
+
+
+_GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def _guid(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not _GUID_RE.match(value):
+        raise ConfigError(f"'{where}' must be a GUID such as {DEFAULT_TENANT_ID}, not {value!r}")
+    return value.lower()
 
 
 def _address(where: str, value: str) -> str:
