@@ -3,6 +3,8 @@
     cmg up            start the whole stack (site, gateway instances, connection points)
     cmg certs init    generate the deployment's certificates
     cmg client        run one internet client through the CMG
+    cmg token new     create a bulk registration token
+    cmg analyze       the Connection Analyzer
     cmg gateway | connector | site   run one component in the foreground
 """
 
@@ -94,10 +96,20 @@ def _client(args: argparse.Namespace) -> int:
 
     host, _, port = d["listen"].rpartition(":")
     mp = next(r for r in d["roles"] if r["kind"] == "MP")
+    extra: dict[str, object] = {"auth": args.auth}
+    use_cert = args.auth == "pki" and not args.no_cert
+    if args.auth == "entra":
+        from clientsim.client import EntraSettings
+
+        e = d["entra"]
+        extra["entra"] = EntraSettings(e["authority"], e["tenant_id"], e["client_app_id"], e["server_app_id_uri"])
+    elif args.auth == "token":
+        extra["bulk_token"] = args.bulk_token or _new_bulk_token(p("config"), base, None)
     client = InternetClient(
         d["service_name"], (host, int(port)), int(mp["role_id"]), p("ca_cert"),
-        None if args.no_cert else Path(args.cert) if args.cert else p("client_cert"),
-        None if args.no_cert else Path(args.key) if args.key else p("client_key"),
+        (Path(args.cert) if args.cert else p("client_cert")) if use_cert else None,
+        (Path(args.key) if args.key else p("client_key")) if use_cert else None,
+        **extra,  # type: ignore[arg-type]
     )
     async def cycle():  # type: ignore[no-untyped-def]
         async with client:
@@ -106,6 +118,40 @@ def _client(args: argparse.Namespace) -> int:
     result = asyncio.run(cycle())
     print(format_cycle(result))
     return 0 if result.ok else 1
+
+
+def _new_bulk_token(config_file: Path | None, base: Path | None, minutes: int | None) -> str:
+    from .site_tokens import new_bulk_token
+
+    deployment = cfg.load(config_file, base_dir=base)
+    return new_bulk_token(deployment.site, minutes)
+
+
+def _token_new(args: argparse.Namespace) -> int:
+    config_file = args.config
+    if config_file is None and args.deployment is not None:
+        d = json.loads(Path(args.deployment).read_text(encoding="utf-8"))
+        config_file = Path(args.deployment).resolve().parent / d["config"]
+    try:
+        token = _new_bulk_token(config_file, args.dir, args.lifetime)
+    except ValueError as exc:
+        print(f"cmg token: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cmg token: cannot read the site's token-signing key ({exc}); run cmg certs init", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analyze import main as analyze
+
+    path = Path(args.deployment)
+    if not path.exists():
+        print(f"cmg analyze: {path} does not exist (start the stack with cmg up)", file=sys.stderr)
+        return 2
+    return analyze(path)
 
 
 def _component(module: str, rest: list[str]) -> int:
@@ -148,7 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--cert", default=None, help="client certificate (PEM; default: the deployment's)")
     client.add_argument("--key", default=None, help="client key (PEM)")
     client.add_argument("--no-cert", action="store_true", help="present no client certificate")
+    client.add_argument("--auth", choices=("pki", "entra", "token"), default="pki",
+                        help="client authentication: PKI certificate, Entra ID device token, or site-issued token")
+    client.add_argument("--bulk-token", default=None,
+                        help="with --auth token: the bulk registration token (default: a new one from the site)")
     client.set_defaults(func=_client)
+
+    analyze = sub.add_parser("analyze", help="the Connection Analyzer: check a running deployment end to end")
+    analyze.add_argument("--deployment", default="deployment.json", help="deployment.json written by cmg up")
+    analyze.set_defaults(func=_analyze)
+
+    token = sub.add_parser("token", help="site-issued tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    tnew = token_sub.add_parser("new", help="create a bulk registration token (printed on stdout)")
+    tnew.add_argument("--lifetime", type=int, default=None, metavar="MINUTES",
+                      help="validity in minutes (default 4320, at most 10080)")
+    tnew.add_argument("--dir", type=Path, default=Path("."), help="deployment directory (default: .)")
+    tnew.add_argument("--config", type=Path, default=None, help="deployment file")
+    tnew.add_argument("--deployment", default=None, help="deployment.json of a running stack (uses its configuration)")
+    tnew.set_defaults(func=_token_new)
 
     sub.add_parser("gateway", help="run one gateway instance (python -m gateway --help)")
     sub.add_parser("connector", help="run one connection point (python -m connector --help)")

@@ -137,7 +137,7 @@ class Stack:
             service["client_port"] = free_port(bind)
             service["tunnel_base_port"] = free_port_run(first.instances, bind)
             site = raw.setdefault("site", {})
-            for key in ("mp_port", "sup_port", "dp_port"):
+            for key in ("mp_port", "sup_port", "dp_port", "entra_port"):
                 site[key] = 0
         elif self.port is not None:
             service["client_port"] = self.port
@@ -236,7 +236,7 @@ class Stack:
         if deployment.mp_port == 0 or "roles" not in raw.get("site", {}):
             # Point the roles at the ports the site really took.
             site_raw = raw.setdefault("site", {})
-            for key, kind in (("mp_port", "mp"), ("sup_port", "sup"), ("dp_port", "dp")):
+            for key, kind in (("mp_port", "mp"), ("sup_port", "sup"), ("dp_port", "dp"), ("entra_port", "entra")):
                 if kind in ports:
                     site_raw[key] = int(ports[kind])
             deployment = self._write_resolved(raw)
@@ -275,6 +275,7 @@ class Stack:
         port = d.client_port
         host_port = d.service_name if port == 443 else f"{d.service_name}:{port}"
         mp = d.role("MP")
+        entra = d.entra_config()
 
         def rel(p: Path) -> str:
             try:
@@ -298,6 +299,16 @@ class Stack:
             "client_ca_cert": rel(d.certs_dir / pki.ISSUING_CA_CERT),
             "client_ca_key": rel(d.certs_dir / pki.ISSUING_CA_KEY),
             "crl": rel(d.certs_dir / pki.ISSUING_CRL),
+            "token_signing_cert": rel(d.client_auth().token_signing_certificate),
+            "entra": {
+                "enabled": entra.enabled,
+                "tenant_id": entra.tenant_id,
+                "tenant_name": entra.tenant_name,
+                "authority": entra.authority,
+                "server_app_id": entra.server_app_id,
+                "server_app_id_uri": entra.server_app_id_uri,
+                "client_app_id": entra.client_app_id,
+            },
             "roles": [
                 {"role_id": r.role_id, "kind": r.kind, "name": r.name, "internal_url": r.internal_url,
                  "endpoints": list(r.endpoints)}

@@ -14,8 +14,10 @@ from cmg.config import GatewayConfig
 
 from .client_auth import ClientCertificateVerifier
 from .proxy import ClientRequestHandler
+from .revocation import CRLStore
 from .routing import Routes
 from .service_log import TrafficSummary
+from .token_auth import TokenAuthenticator
 from .tls import StartupError, check_service_name, client_context, load_certificates, load_server_identity, tunnel_context
 from .tls_transport import TLSServerProtocol
 from .tunnel_endpoint import TunnelEndpoint
@@ -53,19 +55,29 @@ class GatewayInstance:
         self.summary = TrafficSummary(self.log)
         self.tunnels: TunnelEndpoint | None = None
         self.handler: ClientRequestHandler | None = None
+        self.tokens: TokenAuthenticator | None = None
 
     async def start(self) -> None:
         cfg = self.config
         identity = load_server_identity(cfg.tls)
         check_service_name(identity, cfg.service_name)
         roots = load_certificates(cfg.tls.trusted_client_roots)
-        verifier = ClientCertificateVerifier(roots)
+        auth = cfg.client_auth
+        crls = CRLStore(auth.crl_files) if auth.verify_revocation else None
+        if crls is not None:
+            for problem in crls.problems.values():
+                self.log.warning("Client certificate revocation: %s", problem)
+        verifier = ClientCertificateVerifier(roots, crls, refuse_unknown=auth.crl_unavailable == "refuse",
+                                             log=self.log)
+        self.tokens = TokenAuthenticator(auth, self.log)
+        await self.tokens.start()
         ctx = client_context(identity, roots, cfg.enforce_tls12)
 
-        self.tunnels = TunnelEndpoint(cfg, self.routes, tunnel_context(cfg.tls), self.log)
+        site_crls = CRLStore((cfg.tls.connection_point_ca.with_name("site-ca.crl"),)) if auth.verify_revocation else None
+        self.tunnels = TunnelEndpoint(cfg, self.routes, tunnel_context(cfg.tls), self.log, site_crls)
         await self.tunnels.start()
 
-        self.handler = ClientRequestHandler(cfg, self.routes, verifier, self.summary, self.log)
+        self.handler = ClientRequestHandler(cfg, self.routes, verifier, self.tokens, self.summary, self.log)
         self._web = AnyVerbServer(self.handler, auto_decompress=False, access_log=None, keepalive_timeout=120,
                                max_field_size=16384, max_line_size=16384)
         sock = client_socket(cfg.bind, cfg.client_port, reuse_port=True)
@@ -75,9 +87,12 @@ class GatewayInstance:
             lambda: TLSServerProtocol(ctx, web_server), sock=sock)
         self._summary_task = asyncio.ensure_future(self._summaries())
         self.log.info(
-            "CMG %s instance %s started: clients on %s:%d (TLS %s), tunnels on %s:%d",
+            "CMG %s instance %s started: clients on %s:%d (TLS %s), tunnels on %s:%d; client "
+            "certificate revocation check %s; Entra ID tenant %s",
             cfg.service_name, self.tunnels.instance_name, cfg.bind, self.client_port,
             "1.2 minimum" if cfg.enforce_tls12 else "1.0 minimum", cfg.bind, self.tunnels.port,
+            "on" if auth.verify_revocation else "off",
+            auth.entra.tenant_id if auth.entra.enabled else "not enabled",
         )
 
     @property
@@ -108,6 +123,8 @@ class GatewayInstance:
             await self._web.shutdown(timeout=1.0)
         if self.tunnels is not None:
             await self.tunnels.close()
+        if self.tokens is not None:
+            await self.tokens.close()
         if self._summary_task is not None:
             self._summary_task.cancel()
         self.summary.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from dataclasses import dataclass
 from enum import Enum
 
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from .revocation import CRLStore
 
 MIN_RSA_BITS = 2048
 
@@ -52,10 +55,14 @@ def thumbprint(cert: x509.Certificate) -> str:
 class ClientCertificateVerifier:
     """Checks presented chains against the CMG's trusted client roots."""
 
-    def __init__(self, trusted_roots: tuple[x509.Certificate, ...]) -> None:
+    def __init__(self, trusted_roots: tuple[x509.Certificate, ...], crls: CRLStore | None = None,
+                 refuse_unknown: bool = True, log: logging.Logger | None = None) -> None:
         if not trusted_roots:
             raise ValueError("at least one trusted client root is needed")
         self._store = Store(list(trusted_roots))
+        self._crls = crls  # None: revocation is not checked
+        self._refuse_unknown = refuse_unknown
+        self._log = log or logging.getLogger("gateway.client_auth")
 
     def check(self, chain: tuple[x509.Certificate, ...],
               now: dt.datetime | None = None) -> ClientCertificateCheck:
@@ -81,7 +88,7 @@ class ClientCertificateVerifier:
         when = now or dt.datetime.now(dt.timezone.utc)
         verifier = PolicyBuilder().store(self._store).time(when).build_client_verifier()
         try:
-            verifier.verify(leaf, list(chain[1:]))
+            verified = verifier.verify(leaf, list(chain[1:]))
         except VerificationError as exc:
             return ClientCertificateCheck(
                 Verdict.REJECTED, reason=f"client certificate '{subject}' is not trusted: {exc}"
@@ -90,6 +97,21 @@ class ClientCertificateVerifier:
             return ClientCertificateCheck(
                 Verdict.REJECTED, reason=f"client certificate '{subject}' cannot be verified: {exc}"
             )
+        if self._crls is not None:
+            path = verified.chain  # leaf first, the trusted root last
+            for cert, issuer in zip(path, path[1:]):
+                status = self._crls.status(cert, issuer, when)
+                if status.revoked:
+                    return ClientCertificateCheck(Verdict.REJECTED, reason=f"client certificate {status.reason}")
+                if status.unknown:
+                    if self._refuse_unknown:
+                        return ClientCertificateCheck(
+                            Verdict.REJECTED,
+                            reason=f"revocation status of '{cert.subject.rfc4514_string()}' is unknown: "
+                                   f"{status.reason} (client_auth.crl_unavailable = refuse)")
+                    self._log.warning("Revocation status of '%s' is unknown: %s; allowed "
+                                      "(client_auth.crl_unavailable = allow)",
+                                      cert.subject.rfc4514_string(), status.reason)
         identity = ClientIdentity(
             subject=subject,
             thumbprint=thumbprint(leaf),

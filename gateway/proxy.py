@@ -18,6 +18,7 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 from cmg.config import GatewayConfig
+from cmg.tokens import TokenError
 from tunnel import (
     DrainingError,
     ErrorCode,
@@ -32,6 +33,7 @@ from .client_auth import ClientCertificateCheck, ClientCertificateVerifier, Clie
 from cmg.paths import Channel, ClientPath, parse_client_path
 from .routing import ConnectorLink, Routes
 from .service_log import TrafficSummary
+from .token_auth import TokenAuthenticator, TokenIdentity
 
 # Headers that belong to one hop and never cross the tunnel.
 HOP_BY_HOP = frozenset({
@@ -43,6 +45,8 @@ IDENTITY_PREFIX = b"x-cmg-"
 HDR_THUMBPRINT = b"X-CMG-Client-Certificate-Thumbprint"
 HDR_SUBJECT = b"X-CMG-Client-Certificate-Subject"
 HDR_AUTH = b"X-CMG-Client-Auth"
+HDR_TOKEN_SUBJECT = b"X-CMG-Token-Subject"
+HDR_TOKEN_TENANT = b"X-CMG-Token-Tenant"
 HDR_MESSAGE_ID = b"X-CMG-Message-Id"
 HDR_CLIENT_IP = b"X-CMG-Client-IP"
 
@@ -53,7 +57,8 @@ class ClientRequestHandler:
     """aiohttp's low-level server calls this once per client request."""
 
     def __init__(self, config: GatewayConfig, routes: Routes, verifier: ClientCertificateVerifier,
-                 summary: TrafficSummary, log: logging.Logger) -> None:
+                 tokens: TokenAuthenticator, summary: TrafficSummary, log: logging.Logger) -> None:
+        self._tokens = tokens
         self._config = config
         self._routes = routes
         self._verifier = verifier
@@ -81,25 +86,23 @@ class ClientRequestHandler:
         if cp is None:
             return self._refuse(request, errors.ENDPOINT_NOT_FOUND, "not a CMG path")
 
-        identity: ClientIdentity | None = None
-        if cp.channel is Channel.MUTUAL_AUTH:
-            check = self._client_check(request)
-            if check.verdict is Verdict.NO_CERTIFICATE:
-                return self._refuse(request, errors.CLIENT_CERTIFICATE_REQUIRED, check.reason)
-            if check.verdict is Verdict.REJECTED:
-                return self._refuse(request, errors.FORBIDDEN, check.reason)
-            identity = check.identity
-        elif not (cp.role_id is None and cp.resource.lower() == "servicemetadata"):
-            # Token authentication (Entra ID, CCM and site tokens) is not built yet:
-            # until it is, nothing on the ServerAuth channel may reach a tunnel.
-            if request.headers.get("Authorization", "").lower().startswith("bearer "):
-                return self._refuse(request, errors.INVALID_TOKEN, "bearer tokens are not accepted yet")
-            return self._refuse(request, errors.UNAUTHORIZED, "no bearer token on a ServerAuth path")
-
+        identity: ClientIdentity | TokenIdentity | None = None
         if cp.role_id is None:
-            if cp.resource.lower() == "servicemetadata" and request.method in ("GET", "HEAD"):
-                return self._service_metadata(cp)
-            return self._refuse(request, errors.ENDPOINT_NOT_FOUND, f"no role id in {raw_path[:200]}")
+            return self._service_endpoint(request, cp)
+        if cp.channel is Channel.MUTUAL_AUTH:
+            outcome = self._authenticate_certificate(request)
+            if isinstance(outcome, web.Response):
+                return outcome
+            identity = outcome
+        else:
+            authorization = request.headers.get("Authorization", "")
+            if not authorization:
+                return self._refuse(request, errors.UNAUTHORIZED, "no Authorization header on a ServerAuth path")
+            try:
+                identity = await self._tokens.authenticate(authorization, cp.resource)
+            except TokenError as exc:
+                return self._refuse(request, errors.INVALID_TOKEN, exc.reason)
+
         if cp.malformed:
             return self._refuse(request, errors.BAD_REQUEST, "dot segments or backslashes in the path")
 
@@ -117,6 +120,15 @@ class ClientRequestHandler:
         return await self._forward(request, cp, identity, start)
 
     # --- authentication ---
+
+    def _authenticate_certificate(self, request: web.BaseRequest) -> ClientIdentity | web.Response:
+        """The client's validated identity, or the CMG's refusal."""
+        check = self._client_check(request)
+        if check.verdict is Verdict.NO_CERTIFICATE:
+            return self._refuse(request, errors.CLIENT_CERTIFICATE_REQUIRED, check.reason)
+        if check.verdict is Verdict.REJECTED or check.identity is None:
+            return self._refuse(request, errors.FORBIDDEN, check.reason)
+        return check.identity
 
     def _client_check(self, request: web.BaseRequest) -> ClientCertificateCheck:
         transport = request.transport
@@ -148,14 +160,19 @@ class ClientRequestHandler:
         peer = request.remote
         if peer:
             headers.append((HDR_CLIENT_IP, peer.encode("latin-1")))
-        if identity is not None:
+        if isinstance(identity, ClientIdentity):
             headers.append((HDR_AUTH, b"MutualAuth"))
             headers.append((HDR_THUMBPRINT, identity.thumbprint.encode()))
             headers.append((HDR_SUBJECT, identity.subject.encode("utf-8", "replace")))
+        elif isinstance(identity, TokenIdentity):
+            headers.append((HDR_AUTH, identity.auth.encode()))
+            headers.append((HDR_TOKEN_SUBJECT, identity.subject.encode("utf-8", "replace")))
+            if identity.tenant:
+                headers.append((HDR_TOKEN_TENANT, identity.tenant.encode("utf-8", "replace")))
         return headers
 
     async def _forward(self, request: web.BaseRequest, cp: ClientPath,
-                       identity: ClientIdentity | None, start: float) -> web.StreamResponse:
+                       identity: ClientIdentity | TokenIdentity | None, start: float) -> web.StreamResponse:
         assert cp.role_id is not None
         message_id = "{" + str(uuid.uuid4()).upper() + "}"
         headers = self._request_headers(request, identity, message_id)
@@ -279,6 +296,27 @@ class ClientRequestHandler:
         transport = request.transport
         if transport is not None:
             transport.abort()
+
+    def _service_endpoint(self, request: web.BaseRequest, cp: ClientPath) -> web.Response:
+        """The CMG's own endpoints, without a role id."""
+        name = cp.resource.lower()
+        if request.method not in ("GET", "HEAD"):
+            return self._refuse(request, errors.ENDPOINT_NOT_FOUND, f"{request.method} on {cp.resource}")
+        if name == "servicemetadata":
+            if cp.channel is Channel.MUTUAL_AUTH:
+                outcome = self._authenticate_certificate(request)
+                if isinstance(outcome, web.Response):
+                    return outcome
+            return self._service_metadata(cp)
+        if name == "aadauthinfo" and cp.channel is Channel.SERVER_AUTH:
+            tenant = request.query.get("TenantID") or request.query.get("tenantid") or ""
+            info = self._tokens.aad_auth_info(tenant)
+            if info is None:
+                return self._refuse(request, errors.ENDPOINT_NOT_FOUND, f"tenant {tenant[:64]!r} is not onboarded")
+            body = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in info.items())
+            return web.Response(text=f'<?xml version="1.0" encoding="utf-8"?><AADAuthInfo>{body}</AADAuthInfo>',
+                                content_type="text/xml")
+        return self._refuse(request, errors.ENDPOINT_NOT_FOUND, f"no role id in {request.raw_path[:200]}")
 
     def _service_metadata(self, cp: ClientPath) -> web.Response:
         roles = "".join(

@@ -9,6 +9,7 @@ certificate. Only then are its published roles routed to.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 from http import HTTPStatus
@@ -16,6 +17,7 @@ from http import HTTPStatus
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from cmg.config import GatewayConfig
@@ -29,6 +31,7 @@ from tunnel import (
     negotiate,
 )
 
+from .revocation import CRLStore
 from .routing import ConnectorLink, Routes
 
 
@@ -36,7 +39,8 @@ class TunnelEndpoint:
     """Accepts connection points' tunnels and keeps ``routes`` in step with them."""
 
     def __init__(self, config: GatewayConfig, routes: Routes, ssl_context: ssl.SSLContext,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, crls: CRLStore | None = None) -> None:
+        self._crls = crls
         self._config = config
         self._routes = routes
         self._ssl = ssl_context
@@ -64,6 +68,8 @@ class TunnelEndpoint:
         return int(self._server.sockets[0].getsockname()[1])
 
     def _check_version(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/CMGStatus" and "upgrade" not in request.headers.get("Connection", "").lower():
+            return self._status(connection)
         offered = [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
                    for p in v.split(",") if p.strip()]
         try:
@@ -73,13 +79,43 @@ class TunnelEndpoint:
             return connection.respond(HTTPStatus.BAD_REQUEST, exc.reason + "\n")
         return None
 
+    def _status(self, connection: ServerConnection) -> Response:
+        """This instance's connection points, for the site's own tools (mutual TLS: site CA)."""
+        body = {
+            "instance": self.instance_name,
+            "connection_points": [
+                {
+                    "name": link.name,
+                    "site_code": link.site_code,
+                    "peer": link.peer,
+                    "connected_at": link.connected_at,
+                    "roles": sorted(link.roles),
+                    "active_requests": link.active_requests,
+                    "total_requests": link.total_requests,
+                    "rtt_ms": None if link.session.rtt is None else round(link.session.rtt * 1000, 3),
+                    "draining": link.session.peer_draining,
+                }
+                for link in self._routes.links
+            ],
+        }
+        data = json.dumps(body).encode()
+        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                           ("Connection", "close")])
+        return Response(HTTPStatus.OK.value, "OK", headers, data)
+
     @staticmethod
     def _select(connection: ServerConnection, offered: object) -> str | None:
         return negotiate(list(offered))  # type: ignore[call-overload]
 
     async def _handle(self, ws: ServerConnection) -> None:
         peer = _peer(ws)
-        cert_name = _certificate_cn(ws)
+        cert = _peer_certificate(ws)
+        cert_name = _common_name(cert)
+        refusal = self._revocation_refusal(cert)
+        if refusal:
+            self._log.warning("Refused connection point %s at %s: %s", cert_name, peer, refusal)
+            await ws.close(1008, "certificate refused")
+            return
         lim = self._config.limits
         session = TunnelSession(
             TunnelProtocol(Role.GATEWAY, lim.protocol_limits()), ws,
@@ -130,6 +166,28 @@ class TunnelEndpoint:
                 runner.cancel()
             self._sessions.discard(session)
 
+    def _revocation_refusal(self, cert: x509.Certificate | None) -> str:
+        """Why a connection point's certificate is refused, or '' (TLS checked the chain)."""
+        if self._crls is None or cert is None:
+            return ""
+        site_ca = self._site_ca()
+        if site_ca is None:
+            return ""
+        status = self._crls.status(cert, site_ca)
+        if status.revoked:
+            return f"its certificate {status.reason}"
+        if status.unknown and self._config.client_auth.crl_unavailable == "refuse":
+            return f"revocation status unknown: {status.reason}"
+        if status.unknown:
+            self._log.warning("Connection point certificate revocation status unknown: %s; allowed", status.reason)
+        return ""
+
+    def _site_ca(self) -> x509.Certificate | None:
+        try:
+            return x509.load_pem_x509_certificate(self._config.tls.connection_point_ca.read_bytes())
+        except (OSError, ValueError):
+            return None
+
     async def drain(self) -> None:
         """Tell every connection point no new streams will come; in-flight ones go on."""
         for s in list(self._sessions):
@@ -150,10 +208,13 @@ def _peer(ws: ServerConnection) -> str:
     return f"{addr[0]}:{addr[1]}" if addr else "?"
 
 
-def _certificate_cn(ws: ServerConnection) -> str:
+def _peer_certificate(ws: ServerConnection) -> x509.Certificate | None:
     der = ws.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    if not der:
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def _common_name(cert: x509.Certificate | None) -> str:
+    if cert is None:
         return ""
-    cert = x509.load_der_x509_certificate(der)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else ""

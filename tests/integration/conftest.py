@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import ssl
+import subprocess
+import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 import pytest
 import yarl
 
-from cmg.launcher import Stack
+from cmg.launcher import Stack, free_port
 
 
 @dataclass
@@ -86,3 +91,38 @@ def pair(tmp_path_factory: pytest.TempPathFactory):
     dep = start_stack(tmp_path_factory, "pair", instances=2, connectors=2)
     yield dep
     dep.stack.stop()
+
+
+@contextlib.contextmanager
+def _lone_gateway(tmp_path: Path, certs: Path, service_lines: str, pem: bool = False) -> Iterator[int]:
+    """One gateway instance of its own (no connection point), on free ports; yields its port."""
+    cfg = tmp_path / f"gw-{uuid.uuid4().hex[:8]}.toml"
+    server = 'server_certificate = "cmg-server.pem"\nserver_key = "cmg-server.key"' if pem else ""
+    cfg.write_text(f"""
+[service]
+{service_lines}
+client_port = {free_port()}
+tunnel_base_port = {free_port()}
+[certificates]
+dir = "{certs}"
+{server}
+[logging]
+dir = "{tmp_path / 'logs'}"
+[entra]
+enabled = false
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith("READY "), proc.stderr.read() if proc.stderr else line
+        yield int(json.loads(line[6:])["client_port"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+@pytest.fixture
+def lone_gateway():
+    """``with lone_gateway(tmp_path, certs_dir, "enforce_tls12 = false") as port:``"""
+    return _lone_gateway

@@ -12,7 +12,6 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cmg import pki
-from cmg.launcher import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -133,32 +132,9 @@ async def test_all_configmgr_verbs_and_headers_reach_the_mp(single):
     assert methods == {"GET", "HEAD", "PROPFIND", "BITS_POST", "CCM_POST"}, methods
 
 
-def _gateway_with(tmp_path, certs, service_lines):
-    cfg = tmp_path / "gw.toml"
-    cfg.write_text(f"""
-[service]
-{service_lines}
-client_port = {free_port()}
-tunnel_base_port = {free_port()}
-[certificates]
-dir = "{certs}"
-server_certificate = "cmg-server.pem"
-server_key = "cmg-server.key"
-[logging]
-dir = "{tmp_path / 'logs'}"
-""")
-    return subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def test_gateway_accepts_a_pem_server_certificate_as_well_as_the_pfx(single, tmp_path):
-    proc = _gateway_with(tmp_path, single.path("ca_cert").parent, "")
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("READY "), proc.stderr.read()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+def test_gateway_accepts_a_pem_server_certificate_as_well_as_the_pfx(single, tmp_path, lone_gateway):
+    with lone_gateway(tmp_path, single.path("ca_cert").parent, "", pem=True) as port:
+        assert port > 0
 
 
 def test_cn_mismatch_refuses_to_start(single, tmp_path):
