@@ -1,10 +1,28 @@
 """An internet ConfigMgr client (``ClientAlwaysOnInternet = 1``) that talks only to the CMG.
 
-Every request goes to ``https://<service name>/CCM_Proxy_MutualAuth/<role id>/<internal
-path>``: the connection is made to ``address`` (the gateway's host and port) while the
-service name is used for SNI, the Host header and certificate hostname verification,
-as a real client resolving the CMG's DNS name would. The client certificate, when
-given, is presented in the TLS handshake.
+Every request goes to ``https://<service name>/<channel>/<role id>/<internal path>``:
+the connection is made to ``address`` (the gateway's host and port) while the service
+name is used for SNI, the Host header and certificate hostname verification, as a real
+client resolving the CMG's DNS name would. The client certificate, when given, is
+presented in the TLS handshake.
+
+Client authentication (``auth``):
+
+- ``"pki"``: channel ``CCM_Proxy_MutualAuth``, the client certificate; messages on
+  ``ccm_system/request``.
+- ``"entra"``: the client gets a device token from the Entra ID tenant's token endpoint
+  (:class:`EntraSettings`; straight to the authority, which is in the cloud, not behind
+  the CMG), exchanges it at the MP's ``CCM_STS`` through
+  ``/CCM_Proxy_ServerAuth/<MP role id>/CCM_STS`` for a CCM token, and sends that
+  (``Authorization: Bearer``) on every later request, on ``CCM_Proxy_ServerAuth``;
+  messages on ``ccm_system_tokenauth/request``. No client certificate.
+- ``"token"``: site-issued tokens. The client registers once with the bulk registration
+  token (``MP_ClientRegistration`` on ``ccm_system_tokenauth/request``), takes its own
+  client token from the reply's ``<ClientToken>`` and sends that afterwards. Given a
+  ``client_token`` (from an earlier registration) it renews with it instead.
+
+URLs the site hands out (MPLIST, location replies) name ``CCM_Proxy_MutualAuth``; a
+token client uses them on ``CCM_Proxy_ServerAuth``, the same role id and path.
 
 :meth:`InternetClient.run_cycle` does what a client does after install, timing each
 step: MPLIST, location, registration, policy, a BITS upload, an update scan and a
@@ -19,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import json
+import re
 import socket
 import ssl
 import time
@@ -38,6 +58,9 @@ from cmg.messaging import (Message, MessageFormatError, MessageHeader, XMLFormat
                            encode_message, new_message_id, parse_xml)
 
 USER_AGENT = "ConfigMgr Messaging HTTP Sender"
+AUTH_METHODS = ("pki", "entra", "token")
+MUTUAL_AUTH = "CCM_Proxy_MutualAuth"
+SERVER_AUTH = "CCM_Proxy_ServerAuth"
 WUA_USER_AGENT = "Windows-Update-Agent/10.0.10011.16384 Client-Protocol/2.50"
 BITS_PROTOCOL = "{7df0354d-249b-430f-820d-3d2a9bef4931}"
 BITS_USER_AGENT = "Microsoft BITS/7.8"
@@ -70,6 +93,26 @@ class StepFailure(Exception):
 
 
 @dataclass(frozen=True)
+class EntraSettings:
+    """Where a client gets its Entra ID device token: the tenant's authority (base URL of
+    ``/{tenant}/oauth2/v2.0/token``), the tenant, the client app and the server app's
+    App ID URI (the scope is ``<server_app_id_uri>/.default``). ``device_id`` is the
+    Entra device id (default: derived from the client name, stable across runs);
+    ``ca_cert`` is trusted for an ``https`` authority besides the system roots."""
+
+    authority: str
+    tenant_id: str
+    client_app_id: str
+    server_app_id_uri: str
+    device_id: str | None = None
+    ca_cert: Path | None = None
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.authority.rstrip('/')}/{self.tenant_id}/oauth2/v2.0/token"
+
+
+@dataclass(frozen=True)
 class Step:
     name: str
     ok: bool
@@ -83,6 +126,8 @@ class CycleResult:
     steps: list[Step]
     active_mp: str | None
     smsid: str | None
+    auth: str = "pki"
+    client_token: str | None = None  # auth "token": the client's own token, for the next run
 
     @property
     def ok(self) -> bool:
@@ -172,7 +217,21 @@ class InternetClient:
                  client_cert: Path | None, client_key: Path | None, *, client_name: str = "CLIENT01",
                  timeout: float = 60, content_id: str = "PS100001.1",
                  content_file: str = "payload-1048576.bin", upload_size: int = 1024 * 1024,
-                 fragment_size: int = 256 * 1024) -> None:
+                 fragment_size: int = 256 * 1024, auth: str = "pki", bulk_token: str | None = None,
+                 entra: EntraSettings | None = None, client_token: str | None = None) -> None:
+        if auth not in AUTH_METHODS:
+            raise ValueError(f"auth must be one of {', '.join(AUTH_METHODS)}, not {auth!r}")
+        if auth == "entra" and entra is None:
+            raise ValueError('auth="entra" needs entra=EntraSettings(...)')
+        if auth == "token" and not (bulk_token or client_token):
+            raise ValueError('auth="token" needs bulk_token= (or the client_token= of an earlier registration)')
+        self.auth = auth
+        self.bulk_token = bulk_token
+        self.entra = entra
+        self.client_token = client_token
+        self.access_token: str | None = None  # what goes in Authorization: Bearer
+        self.channel = MUTUAL_AUTH if auth == "pki" else SERVER_AUTH
+        self.messaging_path = "ccm_system/request" if auth == "pki" else "ccm_system_tokenauth/request"
         self.service_name = service_name
         self.address = address
         self.mp_role_id = mp_role_id
@@ -189,6 +248,7 @@ class InternetClient:
         self.mp_url: str = self.role_url(mp_role_id)
         self.smsid: str | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._cloud_session: aiohttp.ClientSession | None = None
 
     # --- plumbing ---
 
@@ -202,6 +262,9 @@ class InternetClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._cloud_session is not None:
+            await self._cloud_session.close()
+            self._cloud_session = None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -215,17 +278,38 @@ class InternetClient:
             )
         return self._session
 
+    def _cloud(self) -> aiohttp.ClientSession:
+        """A session for the Entra ID tenant (ordinary DNS, not the CMG)."""
+        if self._cloud_session is None:
+            ctx = ssl.create_default_context()
+            if self.entra is not None and self.entra.ca_cert is not None:
+                ctx.load_verify_locations(cafile=str(self.entra.ca_cert))
+            self._cloud_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ctx),
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout),
+            )
+        return self._cloud_session
+
     def role_url(self, role_id: int) -> str:
-        """``https://<service name>/CCM_Proxy_MutualAuth/<role id>`` (the CMG URL of a role)."""
-        return f"https://{self.service_name}/CCM_Proxy_MutualAuth/{role_id}"
+        """``https://<service name>/<channel>/<role id>`` (the CMG URL of a role)."""
+        return f"https://{self.service_name}/{self.channel}/{role_id}"
+
+    def on_channel(self, url: str) -> str:
+        """A CMG URL as the site hands it out, on this client's channel."""
+        return re.sub(r"/CCM_Proxy_(MutualAuth|ServerAuth)/", f"/{self.channel}/", url, count=1, flags=re.I)
 
     def _mp_headers(self) -> dict[str, str]:
         return {"CCMClientID": self.smsid} if self.smsid else {}
 
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access_token}"} if self.access_token else {}
+
     async def request(self, method: str, url: str, *, data: Any = None,
                       headers: Mapping[str, str] | None = None) -> HttpResult:
-        """One request on the CMG path; the whole answer is read (use for small bodies)."""
-        async with self._http().request(method, URL(url), data=data, headers=dict(headers or {})) as resp:
+        """One request on the CMG path; the whole answer is read (use for small bodies).
+        The client's bearer token goes along unless ``headers`` names an Authorization."""
+        merged = {**self._auth_headers(), **dict(headers or {})}
+        async with self._http().request(method, URL(url), data=data, headers=merged) as resp:
             body = await resp.read()
             return HttpResult(resp.status, resp.reason or "", resp.headers, body)
 
@@ -233,16 +317,20 @@ class InternetClient:
         """``GET <role URL>/<path_under_role>``, e.g. ``get("SMS_MP/.sms_aut?MPLIST", mp_id)``."""
         return await self.request("GET", f"{self.role_url(role_id)}/{path_under_role.lstrip('/')}", headers=headers)
 
-    async def send_message(self, endpoint: str, body_xml: str) -> Message:
-        """``CCM_POST <MP>/ccm_system/request`` with a message for ``endpoint``; the reply.
+    async def send_message(self, endpoint: str, body_xml: str, *, token: str | None = None) -> Message:
+        """``CCM_POST <MP>/ccm_system/request`` (``ccm_system_tokenauth/request`` for a token
+        client) with a message for ``endpoint``; the reply. ``token`` replaces the client's
+        bearer token for this message (registration with the bulk token).
 
         Raises :class:`CMGError` on a non-200 answer, ``MessageFormatError`` on a bad reply.
         """
         header = MessageHeader(id=new_message_id(), source_id=self.smsid or "", source_host=self.client_name,
                                target_endpoint=endpoint, target_host=self.mp_url.split("://", 1)[-1])
         ctype, data = encode_message(Message(header, body_xml))
-        res = await self.request("CCM_POST", f"{self.mp_url}/ccm_system/request", data=data,
-                                 headers={"Content-Type": ctype, **self._mp_headers()})
+        headers = {"Content-Type": ctype, **self._mp_headers()}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        res = await self.request("CCM_POST", f"{self.mp_url}/{self.messaging_path}", data=data, headers=headers)
         if res.status != 200:
             raise CMGError(res.status, res.reason, res.body, res.headers)
         return decode_message(res.headers.get("Content-Type", ""), res.body)
@@ -320,7 +408,7 @@ class InternetClient:
 
     async def _download_url(self, url: str, range_: str | tuple[int, int] | None,
                             hasher: Any) -> tuple[int, int, str]:
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = self._auth_headers()
         if isinstance(range_, tuple):
             headers["Range"] = f"bytes={range_[0]}-{range_[1]}"
         elif range_:
@@ -392,7 +480,7 @@ class InternetClient:
             for mp in root.iter("MP"):
                 url = mp.get("URL") or (f"https://{mp.get('FQDN')}" if mp.get("FQDN") else "")
                 if url and mp.get("Type", "Internet") == "Internet":
-                    self.mp_url = url.rstrip("/")
+                    self.mp_url = self.on_channel(url.rstrip("/"))
                     active_mp.append(self.mp_url)
                     return res.status, f"internet MP {self.mp_url}"
             raise StepFailure(res.status, "MPLIST lists no internet MP")
@@ -404,11 +492,12 @@ class InternetClient:
             loc.site_code = info.get("SiteCode", "") if info is not None else ""
             wsus = parse_xml((await self.send_message("MP_LocationManager",
                                                       payloads.location_request("WSUSLocationRequest", loc.site_code))).body)
-            loc.sup_urls = [r.get("WSUSURL", "") for r in wsus.iter("LocationRecord") if r.get("WSUSURL")]
+            loc.sup_urls = [self.on_channel(r.get("WSUSURL", "")) for r in wsus.iter("LocationRecord")
+                            if r.get("WSUSURL")]
             content = parse_xml((await self.send_message(
                 "MP_LocationManager",
                 payloads.location_request("ContentLocationRequest", loc.site_code, self.content_id))).body)
-            loc.dp_urls = [u.get("Name", "") for u in content.iter("URL") if u.get("Name")]
+            loc.dp_urls = [self.on_channel(u.get("Name", "")) for u in content.iter("URL") if u.get("Name")]
             if not loc.site_code:
                 raise StepFailure(200, "SiteInformationReply names no site code")
             return 200, (f"site {loc.site_code}, SUP {loc.sup_urls[0] if loc.sup_urls else '(none)'}, "
@@ -422,6 +511,33 @@ class InternetClient:
                 raise StepFailure(200, f"registration reply carries no SMSID ({reply.tag})")
             self.smsid = smsid
             return 200, f"SMSID {smsid}"
+
+        async def token_registration() -> tuple[int, str]:
+            token = self.client_token or self.bulk_token
+            reply = parse_xml((await self.send_message("MP_ClientRegistration", payloads.registration_request(
+                self.client_name, self.client_name, self._signing_cert_hex()), token=token)).body)
+            smsid = reply.get("SMSID", "")
+            if not smsid.startswith("GUID:"):
+                raise StepFailure(200, f"registration reply carries no SMSID ({reply.tag})")
+            element = reply.find("ClientToken")
+            client_token = (element.text or "").strip() if element is not None else ""
+            if element is None or not client_token:
+                raise StepFailure(200, "registration reply carries no <ClientToken>")
+            self.smsid, self.client_token, self.access_token = smsid, client_token, client_token
+            return 200, f"SMSID {smsid}, client token valid until {element.get('ExpiresOn', '?')}"
+
+        async def ccm_sts() -> tuple[int, str]:
+            res = await self.request("POST", f"{self.role_url(self.mp_role_id)}/CCM_STS",
+                                     headers={"Authorization": f"Bearer {entra_bearer[0]}", "Content-Length": "0"})
+            if res.status != 200:
+                raise CMGError(res.status, res.reason, res.body, res.headers)
+            try:
+                answer = json.loads(res.body)
+                token = answer["access_token"]
+            except (ValueError, KeyError, TypeError):
+                raise StepFailure(res.status, "CCM_STS answer is not JSON with an access_token") from None
+            self.access_token = str(token)
+            return res.status, f"CCM token for {answer.get('subject', '?')}, valid {answer.get('expires_in', '?')} s"
 
         async def policy() -> tuple[int, str]:
             assert self.smsid is not None
@@ -472,9 +588,35 @@ class InternetClient:
                 raise StepFailure(status, f"{self.content_file}: {got} bytes, SHA256 does not match the DP's")
             return status, f"{self.content_file} {got} bytes in {ranges} range(s), SHA256 verified"
 
+        entra_bearer: list[str] = []
+        rest = ["MPLIST", "Location", "Registration", "Policy", "Upload", "UpdateScan", "Content"]
+        if self.auth == "entra":
+            async def fetch() -> tuple[int, str]:
+                status, detail, token = await self._entra_token()
+                entra_bearer.append(token)
+                return status, detail
+            if not await self._step(steps, "EntraToken", fetch):
+                for name in ["CCM_STS"] + rest:
+                    self._skip(steps, name, "no Entra ID token")
+                return self._result(steps, active_mp)
+            if not await self._step(steps, "CCM_STS", ccm_sts):
+                for name in rest:
+                    self._skip(steps, name, "no CCM token")
+                return self._result(steps, active_mp)
+        elif self.auth == "token":
+            rest.remove("Registration")
+            name = "Registration (client token)" if self.client_token else "Registration (bulk token)"
+            if not await self._step(steps, name, token_registration):
+                for other in rest:
+                    self._skip(steps, other, "not registered (no client token)")
+                return self._result(steps, active_mp)
+
         if await self._step(steps, "MPLIST", mplist):
             located = await self._step(steps, "Location", location)
-            registered = await self._step(steps, "Registration", registration)
+            if self.auth == "token":
+                registered = self.smsid is not None  # registered first, with the bulk token
+            else:
+                registered = await self._step(steps, "Registration", registration)
             if registered:
                 await self._step(steps, "Policy", policy)
             else:
@@ -489,9 +631,43 @@ class InternetClient:
             else:
                 self._skip(steps, "Content", "no distribution point located")
         else:
-            for name in ("Location", "Registration", "Policy", "Upload", "UpdateScan", "Content"):
+            for name in rest[1:]:
                 self._skip(steps, name, "no internet MP (MPLIST failed)")
-        return CycleResult(steps, active_mp[0] if active_mp else None, self.smsid)
+        return self._result(steps, active_mp)
+
+    def _result(self, steps: list[Step], active_mp: list[str]) -> CycleResult:
+        return CycleResult(steps, active_mp[0] if active_mp else None, self.smsid, self.auth,
+                           self.client_token if self.auth == "token" else None)
+
+    def device_id(self) -> str:
+        """The Entra device id: the configured one, else derived from the client's name."""
+        if self.entra is not None and self.entra.device_id:
+            return self.entra.device_id
+        return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{self.client_name}.{self.entra.tenant_id if self.entra else ''}"))
+
+    async def _entra_token(self) -> tuple[int, str, str]:
+        """A device token from the tenant's token endpoint: ``(status, detail, token)``."""
+        assert self.entra is not None
+        e = self.entra
+        form = {"grant_type": "client_credentials", "client_id": e.client_app_id,
+                "scope": f"{e.server_app_id_uri.rstrip('/')}/.default", "device_id": self.device_id()}
+        async with self._cloud().post(e.token_endpoint, data=form) as resp:
+            body = await resp.read()
+            status = resp.status
+            reason = resp.reason or ""
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if status != 200:
+            if isinstance(answer, dict) and "error" in answer:
+                raise StepFailure(status, f"{status} {answer['error']}: "
+                                          f"{str(answer.get('error_description', '')).split(' Trace ID:')[0]}")
+            raise CMGError(status, reason, body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
+            raise StepFailure(status, "the token endpoint's answer has no access_token")
+        return status, (f"device {self.device_id()} token from {e.authority} "
+                        f"(expires in {answer.get('expires_in', '?')} s)"), answer["access_token"]
 
     async def _soap(self, url: str, service_ns: str, action: str, envelope: bytes) -> ET.Element:
         res = await self.request("POST", url, data=envelope, headers={

@@ -1,7 +1,8 @@
 """``python -m mock_site [--config FILE] [--dir DIR] [--bgb-hold SECONDS]``
 
-Starts the MP, SUP and DP of the deployment's site, announces the bound ports on the
-``READY`` line (and in ``DIR/site-ports.json``) and runs until SIGTERM or SIGINT.
+Starts the MP, SUP and DP of the deployment's site and its mock Entra ID tenant,
+announces the bound ports (``mp``, ``sup``, ``dp``, ``entra``) on the ``READY`` line (and
+in ``DIR/site-ports.json``) and runs until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations

@@ -4,13 +4,16 @@ the CMG never forwards them) and the request recorder behind ``/_mock/requests``
 - ``GET /_mock/uploads``, ``GET /_mock/uploads/{name}``: BITS uploads (size, sha256,
   complete, client identity headers seen)
 - ``GET /_mock/clients``: registrations
-- ``GET /_mock/requests``: recent requests (method, path, status, ``X-CMG-Client-*`` headers)
+- ``GET /_mock/requests``: recent requests (method, path, status, ``X-CMG-Client-*`` headers;
+  ``client_auth`` = the gateway's ``X-CMG-Client-Auth``; ``authorization`` = ``{"scheme",
+  "token_sha256"}`` of the ``Authorization`` header, or null: the token itself is not kept)
 - ``POST /_mock/bgb/notify``: ``{"client": smsid or "*", "type": ..., "param": ...}``
 - ``GET /_mock/health``: ports, counts
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -23,6 +26,14 @@ from mock_site.bits import UploadStore
 from mock_site.context import SiteContext, client_identity
 
 ADMIN_PREFIX = "/_mock/"
+
+
+def authorization_summary(value: str | None) -> dict[str, str] | None:
+    """What the request log keeps of an ``Authorization`` header: its scheme and a hash."""
+    if not value:
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    return {"scheme": scheme, "token_sha256": hashlib.sha256(credentials.strip().encode("utf-8")).hexdigest()}
 
 
 def recorder(ctx: SiteContext, role: str) -> Callable[..., Any]:
@@ -49,6 +60,8 @@ def recorder(ctx: SiteContext, role: str) -> Callable[..., Any]:
                 "query": request.query_string,
                 "status": status,
                 "client_identity": client_identity(request.headers),
+                "client_auth": request.headers.get("X-CMG-Client-Auth", ""),
+                "authorization": authorization_summary(request.headers.get("Authorization")),
                 "user_agent": request.headers.get("User-Agent", ""),
                 "elapsed_ms": round((time.time() - started) * 1000, 3),
             })

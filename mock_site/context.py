@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cmg.config import RoleConfig, SiteConfig
+from cmg.site_tokens import TokenSigner, load_signer
 from mock_site.logs import SiteLogs
 from mock_site.policy import PolicyCatalog, make_policy, policy_id
 from mock_site.registry import ClientRegistry
 from mock_site.signing import SigningCertificates
+
+if TYPE_CHECKING:
+    from mock_site.entra import EntraTenant
 
 SITE_VERSION = "5.00.9128.1000"  # ConfigMgr current branch 2403
 SITE_BUILD = "9128"
@@ -46,10 +51,25 @@ class SiteContext:
     clients: ClientRegistry
     requests: RequestLog = field(default_factory=RequestLog)
     started: float = field(default_factory=time.time)
+    entra: "EntraTenant | None" = None  # the mock Entra ID tenant (same process), when enabled
     policies: PolicyCatalog = field(init=False)
+    _signer: TokenSigner | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.policies = PolicyCatalog(self.config.site_code, self._site_wide_policies())
+
+    # --- tokens ---
+
+    def token_signer(self) -> TokenSigner:
+        """The site's token-signing key; :class:`cmg.site_tokens.SigningKeyMissing` until
+        ``certs/token-signing.pem`` / ``.key`` exist (read again on the next call)."""
+        if self._signer is None:
+            self._signer = load_signer(self.config)
+        return self._signer
+
+    @property
+    def clock_skew(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.config.client_auth.clock_skew)
 
     # --- roles and URLs ---
 

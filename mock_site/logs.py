@@ -20,6 +20,8 @@ LOG_FILES = {
     "bgb": ("BgbServer.log", "BgbServer"),
     "wsus": ("SoftwareDistribution.log", "WSUS"),
     "dp": ("smsdpprov.log", "SMS_DISTRIBUTION_POINT"),
+    "sts": ("CCM_STS.log", "CCM_STS"),
+    "entra": ("MockEntraID.log", "MockEntraID"),
     "site": ("mock_site.log", "mock_site"),
 }
 

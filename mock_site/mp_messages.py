@@ -2,7 +2,18 @@
 
 ``MP_LocationManager`` answers location requests (MPs, site information, software
 update points, content) with URLs through the CMG; ``MP_ClientRegistration`` issues
-SMSIDs; ``MP_PolicyManager`` answers ``RequestAssignments``. Every reply is built from
+SMSIDs; ``MP_PolicyManager`` answers ``RequestAssignments``.
+
+On ``ccm_system_tokenauth`` each endpoint also gets the validated token. Registration
+with a bulk registration token (or a client token, to renew it) answers, beside the
+SMSID, the client's own token (90 days, ``sub`` = the SMSID) as a child of the reply::
+
+    <ClientRegistrationResponse SMSID="GUID:..." ...>
+      <ClientToken Type="ClientToken" ExpiresOn="2025-01-01T00:00:00Z">eyJ...</ClientToken>
+    </ClientRegistrationResponse>
+
+Registration with a CCM token (an Entra ID client) takes the Entra device id as the
+client's identity and answers no client token (the client keeps using CCM tokens). Every reply is built from
 the request and the site's state. A request the client got wrong raises
 :class:`EndpointError` with a 400-class status and a reason.
 """
@@ -15,6 +26,8 @@ import xml.etree.ElementTree as ET
 from typing import Awaitable, Callable
 
 from cmg.messaging import Message, XMLFormatError, parse_xml
+from cmg.site_tokens import SigningKeyMissing
+from cmg.tokens import CLIENT_TOKEN_LIFETIME, TYPE_BULK_REGISTRATION, TYPE_CCM, TYPE_CLIENT, ValidToken
 from mock_site.context import SITE_BUILD, SITE_VERSION, SiteContext
 
 
@@ -120,7 +133,8 @@ _LOCATION_REQUESTS: dict[str, Callable[[SiteContext, ET.Element], ET.Element]] =
 }
 
 
-async def location_manager(ctx: SiteContext, msg: Message, identity: dict[str, str]) -> str:
+async def location_manager(ctx: SiteContext, msg: Message, identity: dict[str, str],
+                           token: ValidToken | None = None) -> str:
     root = _body_root(msg)
     request = root
     if root.tag == "LocationRequest":  # a wrapper holding one request
@@ -141,7 +155,8 @@ async def location_manager(ctx: SiteContext, msg: Message, identity: dict[str, s
 # --- MP_ClientRegistration -------------------------------------------------------
 
 
-async def client_registration(ctx: SiteContext, msg: Message, identity: dict[str, str]) -> str:
+async def client_registration(ctx: SiteContext, msg: Message, identity: dict[str, str],
+                              token: ValidToken | None = None) -> str:
     root = _body_root(msg)
     if root.tag != "ClientRegistrationRequest":
         raise EndpointError(400, f"MP_ClientRegistration expects <ClientRegistrationRequest>, not <{root.tag}>")
@@ -156,7 +171,13 @@ async def client_registration(ctx: SiteContext, msg: Message, identity: dict[str
     thumbprint = lowered.get("x-cmg-client-certificate-thumbprint", "").strip().upper()
     subject = lowered.get("x-cmg-client-certificate-subject", "")
     signing = root.find("Data/Certificates/Signing")
-    if thumbprint:
+    renewed = ctx.clients.get(token.subject) if token is not None and token.kind == TYPE_CLIENT else None
+    if renewed is not None:  # a registered client renewing its token: the same registration
+        ident, kind = renewed.identity, renewed.identity_kind
+    elif token is not None and token.kind == TYPE_CCM:
+        ident = str(token.claims.get("deviceid") or token.subject)
+        kind = "entra-device" if token.claims.get("deviceid") else "entra-user"
+    elif thumbprint:
         ident, kind = thumbprint, "client-certificate"
     elif signing is not None and (signing.text or "").strip():
         try:
@@ -164,22 +185,38 @@ async def client_registration(ctx: SiteContext, msg: Message, identity: dict[str
         except ValueError:
             raise EndpointError(400, "registration <Signing> certificate is not hex") from None
         ident, kind = hashlib.sha1(der).hexdigest().upper(), "signing-certificate"
+    elif token is not None and token.kind == TYPE_BULK_REGISTRATION:
+        ident, kind = f"bulk:{token.claims.get('jti', '')}", "bulk-registration-token"
     else:
         ident, kind = "", "none"
+    signer = None
+    if token is not None and token.kind in (TYPE_BULK_REGISTRATION, TYPE_CLIENT):
+        try:
+            signer = ctx.token_signer()
+        except SigningKeyMissing as exc:
+            raise EndpointError(503, f"cannot issue a client token: {exc}") from None
     reg, new = await ctx.clients.register(netbios, fqdn, ident, kind, subject)
+    via = f", with a {token.kind} token" if token is not None else ""
     ctx.logs.registration.info(
         f"{'Registered' if new else 'Re-registered'} client {netbios} as {reg.smsid} "
-        f"(identity {kind} {ident or '-'}, {request_type})"
+        f"(identity {kind} {ident or '-'}, {request_type}{via})"
     )
+    now = time.time()
     reply = ET.Element("ClientRegistrationResponse", SMSID=reg.smsid, ResponseType=request_type,
-                       RegistrationApprovalStatus="1", TimeStamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                       RegistrationApprovalStatus="1", TimeStamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+    if signer is not None:
+        client_token = signer.client_token(reg.smsid)
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + CLIENT_TOKEN_LIFETIME.total_seconds()))
+        _el(reply, "ClientToken", client_token, Type=TYPE_CLIENT, ExpiresOn=expires)
+        ctx.logs.registration.info(f"Issued a client token to {reg.smsid}, valid until {expires}")
     return _xml(reply)
 
 
 # --- MP_PolicyManager -------------------------------------------------------------
 
 
-async def policy_manager(ctx: SiteContext, msg: Message, identity: dict[str, str]) -> str:
+async def policy_manager(ctx: SiteContext, msg: Message, identity: dict[str, str],
+                         token: ValidToken | None = None) -> str:
     root = _body_root(msg)
     if root.tag != "RequestAssignments":
         raise EndpointError(400, f"MP_PolicyManager expects <RequestAssignments>, not <{root.tag}>")
@@ -190,6 +227,9 @@ async def policy_manager(ctx: SiteContext, msg: Message, identity: dict[str, str
     if reg is None:
         ctx.logs.policy.warning(f"RequestAssignments from unregistered client {client_id}")
         raise EndpointError(403, f"client {client_id} is not registered")
+    if token is not None and token.kind == TYPE_CLIENT and token.subject.upper() != reg.smsid.upper():
+        ctx.logs.policy.warning(f"RequestAssignments for {client_id} with the client token of {token.subject}")
+        raise EndpointError(403, f"the client token of {token.subject} may not ask policy for {client_id}")
     resource = root.find("Resource")
     resource_type = resource.get("ResourceType", "Machine") if resource is not None else "Machine"
     policies = ctx.policies.assignments_for(reg) if resource_type == "Machine" else []
@@ -212,7 +252,7 @@ async def policy_manager(ctx: SiteContext, msg: Message, identity: dict[str, str
     return _xml(reply)
 
 
-Endpoint = Callable[[SiteContext, Message, dict[str, str]], Awaitable[str]]
+Endpoint = Callable[[SiteContext, Message, dict[str, str], "ValidToken | None"], Awaitable[str]]
 ENDPOINTS: dict[str, Endpoint] = {
     "MP_LocationManager": location_manager,
     "MP_ClientRegistration": client_registration,

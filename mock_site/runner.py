@@ -1,7 +1,9 @@
-"""Start and stop the mock site in-process: MP, SUP and DP, each its own aiohttp server.
+"""Start and stop the mock site in-process: MP, SUP, DP and the mock Entra ID tenant,
+each its own aiohttp server.
 
 ``await start_site(config)`` returns a :class:`SiteRunner` with the bound ``ports``
-(``{"mp": .., "sup": .., "dp": ..}``; a configured port 0 gets a free one) and
+(``{"mp": .., "sup": .., "dp": .., "entra": ..}``, ``entra`` only when
+``client_auth.entra.enabled``; a configured port 0 gets a free one) and
 ``await runner.close()``. The launcher and the tests use this; ``python -m mock_site``
 wraps it.
 """
@@ -23,6 +25,7 @@ from mock_site.bgb import NotificationHub
 from mock_site.bits import UploadStore
 from mock_site.context import SiteContext
 from mock_site.dp import serve_content
+from mock_site.entra import EntraTenant
 from mock_site.httpserver import CaseInsensitiveRouter, ConfigMgrAppRunner
 from mock_site.logs import SiteLogs
 from mock_site.mp import ManagementPoint
@@ -46,7 +49,7 @@ class SiteRunner:
     _closed: bool = False
 
     def url(self, role: str) -> str:
-        """The on-prem base URL of a role: ``mp``, ``sup`` or ``dp``."""
+        """The base URL of a role: ``mp``, ``sup``, ``dp`` or ``entra`` (the tenant's authority)."""
         host = self.ctx.config.bind if self.ctx.config.bind not in ("0.0.0.0", "::") else "127.0.0.1"
         return f"http://{host}:{self.ports[role]}"
 
@@ -117,7 +120,7 @@ async def start_site(config: SiteConfig, *, bgb_hold: float = 300.0, ports_file:
     mp_router.add("GET", "/SMS_MP/.sms_aut", mp.sms_aut)
     mp_router.add("GET", "/SMS_MP/.sms_pol", mp.sms_pol)
     mp_router.add("CCM_POST", "/ccm_system/request", mp.ccm_request)
-    mp_router.add("CCM_POST", "/ccm_system_tokenauth/request", mp.ccm_request)
+    mp_router.add("CCM_POST", "/ccm_system_tokenauth/request", mp.ccm_tokenauth_request)
     mp_router.add("BITS_POST", "/CCM_Incoming/", uploads.handle, prefix=True)
     mp_router.add("GET", "/BGB/handler.ashx", bgb.poll)
     mp_router.add(("GET", "HEAD"), "/CCM_Client/ccmsetup.cab", mp.ccmsetup_cab)
@@ -136,6 +139,19 @@ async def start_site(config: SiteConfig, *, bgb_hold: float = 300.0, ports_file:
 
     dp_router.add(("GET", "HEAD"), "/SMS_DP_SMSPKG$/", content, prefix=True)
 
+    mp_router.add(("POST", "CCM_POST"), "/CCM_STS", mp.ccm_sts)
+
+    entra_config = config.client_auth.entra
+    if entra_config.enabled:
+        ctx.entra = EntraTenant(entra_config, config.data_dir, logs.entra)
+        await loop.run_in_executor(None, ctx.entra.keys.load_or_create)
+    try:
+        await loop.run_in_executor(None, ctx.token_signer)
+        signing_note = f"token-signing kid {ctx.token_signer().kid}"
+    except OSError as exc:
+        signing_note = "no token-signing key: CCM_STS and token authentication refused"
+        logs.sts.warning(str(exc))
+
     site = SiteRunner(ctx, ports, uploads, bgb, sup)
     try:
         for role, router, port in (("mp", mp_router, config.mp_port), ("sup", sup_router, config.sup_port),
@@ -146,12 +162,24 @@ async def start_site(config: SiteConfig, *, bgb_hold: float = 300.0, ports_file:
             tcp = web.TCPSite(runner, config.bind, port, reuse_address=True)
             await tcp.start()
             ports[role] = runner.addresses[0][1]
+        if ctx.entra is not None:
+            entra_app = web.Application(client_max_size=1024 * 1024)
+            ctx.entra.routes(entra_app)
+            entra_runner = web.AppRunner(entra_app, access_log=None, shutdown_timeout=5.0)
+            await entra_runner.setup()
+            site._runners.append(entra_runner)
+            tcp = web.TCPSite(entra_runner, config.bind, config.entra_port, reuse_address=True)
+            await tcp.start()
+            ports["entra"] = entra_runner.addresses[0][1]
     except BaseException:
         await site.close()
         raise
     logs.site.info(f"Mock site {config.site_code} started: MP port {ports['mp']}, SUP port {ports['sup']}, "
                    f"DP port {ports['dp']} on {config.bind}; {known} registered client(s); "
-                   f"internet MP {ctx.internet_mp_url}")
+                   f"internet MP {ctx.internet_mp_url}; "
+                   + (f"Entra ID tenant {entra_config.tenant_id} on port {ports['entra']}; " if "entra" in ports
+                      else "Entra ID disabled; ")
+                   + signing_note)
     if ports_file is not None:
         await loop.run_in_executor(None, write_ports_file, ports_file, dict(ports))
     return site

@@ -12,7 +12,7 @@ from cryptography import x509
 from cmg.messaging import parse_xml
 from clientsim import payloads
 from mock_site import start_site
-from site_helpers import DP_ID, MP_ID, SERVICE, SUP_ID, ccm_post, site_config
+from site_helpers import DP_ID, MP_ID, SERVICE, SUP_ID, bearer, ccm_post, site_config
 
 INTERNET_MP = f"https://{SERVICE}/CCM_Proxy_MutualAuth/{MP_ID}"
 
@@ -225,10 +225,16 @@ async def test_malformed_messages_and_unknown_endpoints(site, http):
 
 
 async def test_tokenauth_path_and_case_insensitive_messaging(site, http):
-    for path in ("/ccm_system_tokenauth/request", "/CCM_System/Request"):
+    ccm = site.ctx.token_signer().ccm_token("00000000-0000-0000-0000-0000000000aa")
+    for path, headers in (("/ccm_system_tokenauth/request", bearer(ccm)),
+                          ("/CCM_System_TokenAuth/Request", bearer(ccm)), ("/CCM_System/Request", {})):
         resp, reply, _ = await ccm_post(http, site, "MP_LocationManager",
-                                        payloads.location_request("SiteInformationRequest"), path=path)
+                                        payloads.location_request("SiteInformationRequest"), path=path,
+                                        headers=headers)
         assert resp.status == 200 and "SiteInformationReply" in reply.body
+    resp, _, _ = await ccm_post(http, site, "MP_LocationManager", payloads.location_request("SiteInformationRequest"),
+                                path="/ccm_system_tokenauth/request")
+    assert resp.status == 401 and resp.reason.startswith("ccm_system_tokenauth needs Authorization: Bearer")
 
 
 async def test_requests_are_recorded_with_client_identity(site, http):

@@ -17,7 +17,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.e
 
 def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path):
     cfg = tmp_path / "deployment.toml"
-    cfg.write_text("[site]\nmp_port = 0\nsup_port = 0\ndp_port = 0\n")
+    cfg.write_text("[site]\nmp_port = 0\nsup_port = 0\ndp_port = 0\nentra_port = 0\n")
     proc = subprocess.Popen([sys.executable, "-m", "mock_site", "--config", str(cfg), "--dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
     try:
@@ -28,7 +28,11 @@ def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         ports = json.loads(ports_file.read_text())
-        assert set(ports) == {"mp", "sup", "dp"} and all(p > 0 for p in ports.values())
+        assert set(ports) == {"mp", "sup", "dp", "entra"} and all(p > 0 for p in ports.values())
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['entra']}/contoso.onmicrosoft.com/v2.0/"
+                                    ".well-known/openid-configuration", timeout=10) as r:
+            assert json.loads(r.read())["jwks_uri"] == (f"http://127.0.0.1:{ports['entra']}/contoso.onmicrosoft.com"
+                                                        "/discovery/v2.0/keys")
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['mp']}/SMS_MP/.sms_aut?MPLIST", timeout=10) as r:
             assert b"CCM_Proxy_MutualAuth/72057594037927939" in r.read()
         proc.send_signal(signal.SIGTERM)
