@@ -146,6 +146,7 @@ class GatewayConfig:
     drain_timeout: float
     traffic_summary_interval: float
     client_auth: ClientAuthConfig
+    roles: tuple[RoleConfig, ...]  # what the site may publish through this CMG
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class ConnectionPointConfig:
     reconnect_max: float
     pool_size: int
     drain_timeout: float
+    request_timeout: float  # a site role silent this long: 504 to the client
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "reconnect_max": (int, float),
         "pool_size": int,
         "drain_timeout": (int, float),
+        "request_timeout": (int, float),
     },
     "tunnel": {f.name: (int, float) if f.type == "float" else int
                for f in dataclasses.fields(TunnelLimits)},
@@ -343,8 +346,9 @@ class Deployment:
     connection_point_names: tuple[str, ...] = ("CMGCP01",)
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
-    pool_size: int = 100
+    pool_size: int = 1024
     cp_drain_timeout: float = 30.0
+    request_timeout: float = 600.0
     limits: TunnelLimits = TunnelLimits()
     logs_dir: str = "logs"
     log_format: str = "cmtrace"
@@ -438,6 +442,7 @@ class Deployment:
             drain_timeout=self.drain_timeout,
             traffic_summary_interval=self.traffic_summary_interval,
             client_auth=self.client_auth(),
+            roles=self.roles,
         )
 
     def connection_point(self, name: str) -> ConnectionPointConfig:
@@ -463,6 +468,7 @@ class Deployment:
             reconnect_max=self.reconnect_max,
             pool_size=self.pool_size,
             drain_timeout=self.cp_drain_timeout,
+            request_timeout=self.request_timeout,
         )
 
     @property
@@ -648,7 +654,7 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
             raise ConfigError("'connection_point.names' lists a name twice")
         kw["connection_point_names"] = tuple(names)
     for key, attr in (("reconnect_min", "reconnect_min"), ("reconnect_max", "reconnect_max"),
-                      ("drain_timeout", "cp_drain_timeout")):
+                      ("drain_timeout", "cp_drain_timeout"), ("request_timeout", "request_timeout")):
         if key in cp:
             kw[attr] = float(_positive(f"connection_point.{key}", cp[key]))
     if kw.get("reconnect_min", 0.5) > kw.get("reconnect_max", 30.0):

@@ -39,7 +39,8 @@ class ConnectionPoint:
         self._status = status
         self.log = open_log(f"connector.{config.name}", config.logs_dir / f"SMS_Cloud_ProxyConnector_{config.name}.log",
                             "SMS_Cloud_ProxyConnector", config.log_format, echo=echo)
-        self.forwarder = Forwarder(UrlMap(config.service_name, config.roles), self.log, config.pool_size)
+        self.forwarder = Forwarder(UrlMap(config.service_name, config.roles), self.log, config.pool_size,
+                                   config.request_timeout)
         self.sessions: dict[int, TunnelSession] = {}
         self.connected: dict[int, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -142,7 +143,12 @@ class ConnectionPoint:
                 await s.drain()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.config.drain_timeout
-            while any(s.open_streams for s in sessions if not s.closed) and loop.time() < deadline:
+            # Streams the gateway opened before it read our DRAIN are still served:
+            # wait until each instance has acknowledged the drain and nothing is open.
+            def busy(s: TunnelSession) -> bool:
+                return not s.closed and (s.open_streams > 0 or not s.drain_acknowledged)
+
+            while any(busy(s) for s in sessions) and loop.time() < deadline:
                 await asyncio.sleep(0.05)
         for s in sessions:
             await s.close(ErrorCode.NO_ERROR, "connection point stopping")

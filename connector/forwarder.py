@@ -29,8 +29,10 @@ MESSAGE_ID = "x-cmg-message-id"
 class Forwarder:
     """Handles the streams the gateway opens on this connection point's tunnels."""
 
-    def __init__(self, url_map: UrlMap, log: logging.Logger, pool_size: int) -> None:
+    def __init__(self, url_map: UrlMap, log: logging.Logger, pool_size: int,
+                 request_timeout: float = 600.0) -> None:
         self._map = url_map
+        self._timeout = request_timeout
         self._log = log
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
@@ -40,7 +42,8 @@ class Forwarder:
                                          keepalive_timeout=60, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
-            timeout=aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15),
+            # sock_read: a role silent this long (before or during its answer) is given up on.
+            timeout=aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=self._timeout),
         )
 
     async def close(self) -> None:
@@ -92,7 +95,12 @@ class Forwarder:
             self._log.info("Proxy message %s cancelled by the CMG after %d response bytes: %s",
                            message_id, size, exc)
             return
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except asyncio.TimeoutError:
+            self._log.warning("Proxy message %s to %s timed out: no data from the role for %.0f s",
+                              message_id, mapped.url, self._timeout)
+            stream.reset(ErrorCode.TIMEOUT, "site role timed out")
+            return
+        except (aiohttp.ClientError, OSError) as exc:
             # Before the head: the gateway turns this into a 502; after it, the reset
             # cuts the client off rather than passing a truncated body as complete.
             self._log.warning("Proxy message %s to %s failed: %s: %s", message_id, mapped.url,

@@ -51,6 +51,14 @@ HDR_MESSAGE_ID = b"X-CMG-Message-Id"
 HDR_CLIENT_IP = b"X-CMG-Client-IP"
 
 CHECK_KEY = "cmg_client_check"
+# Methods a client may send twice without harm: replayed on another connection point
+# when a tunnel dies before answering. Never CCM_POST or BITS_POST.
+SAFE_METHODS = frozenset({"GET", "HEAD", "PROPFIND", "OPTIONS"})
+
+
+def _error_for(code: ErrorCode) -> errors.CMGError:
+    """The CMG's answer when a connection point reset a stream before the response head."""
+    return errors.GATEWAY_TIMEOUT if code is ErrorCode.TIMEOUT else errors.BAD_GATEWAY
 
 
 class ClientRequestHandler:
@@ -189,8 +197,9 @@ class ClientRequestHandler:
                                candidate.name, message_id, exc.__class__.__name__)
                 continue
             if not has_body:
-                # A request without a body that the connector refused unprocessed
-                # (REFUSED_STREAM, e.g. it began draining) can go to the next one.
+                # Without a body a request can go to the next connection point when this
+                # one refused it unprocessed (REFUSED_STREAM), or, for a safe method, when
+                # its tunnel died before any answer (replaying a GET harms nobody).
                 try:
                     head = await stream.response()
                 except StreamResetError as exc:
@@ -199,9 +208,14 @@ class ClientRequestHandler:
                                        candidate.name, message_id)
                         stream = None
                         continue
-                    return self._failed(request, cp, start, errors.BAD_GATEWAY,
+                    return self._failed(request, cp, start, _error_for(exc.code),
                                         f"message {message_id} reset by {candidate.name}: {exc}")
                 except TunnelClosedError:
+                    if request.method in SAFE_METHODS:
+                        self._log.info("Tunnel to %s closed before message %s was answered; trying the next",
+                                       candidate.name, message_id)
+                        stream = None
+                        continue
                     return self._failed(request, cp, start, errors.BAD_GATEWAY,
                                         f"tunnel to {candidate.name} closed during message {message_id}")
                 link = candidate
@@ -221,7 +235,8 @@ class ClientRequestHandler:
         except (StreamResetError, TunnelClosedError) as exc:
             upload.cancel()
             link.active_requests -= 1
-            return self._failed(request, cp, start, errors.BAD_GATEWAY,
+            code = exc.code if isinstance(exc, StreamResetError) else ErrorCode.INTERNAL_ERROR
+            return self._failed(request, cp, start, _error_for(code),
                                 f"message {message_id} to {link.name} failed after {sent[0]} request bytes: {exc}")
         except BaseException:
             upload.cancel()

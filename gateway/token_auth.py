@@ -38,7 +38,9 @@ AUTH_NAMES = {
     tokens.TYPE_BULK_REGISTRATION: "BulkRegistration",
 }
 REGISTRATION_ENDPOINT = "ccm_system_tokenauth"
-JWKS_MIN_REFRESH = 5.0  # seconds between two fetches forced by unknown key ids
+JWKS_MIN_REFRESH = 2.0  # seconds between two fetches of the tenant's keys
+UNKNOWN_KID_MEMORY = 60.0  # a kid still unknown after a fresh fetch is refused at once this long
+MAX_UNKNOWN_KIDS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +58,8 @@ class TokenAuthenticator:
         self._entra = config.entra
         self._site_key: Any = None
         self._keys: dict[str, Any] = {}
-        self._fetched_at = 0.0
+        self._fetched_at = -JWKS_MIN_REFRESH
+        self._unknown_kids: dict[str, float] = {}
         self._fetch_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
 
@@ -91,8 +94,18 @@ class TokenAuthenticator:
         except TokenError as exc:
             if not exc.unknown_key:
                 raise
-            await self._refresh_keys("unknown key id")
-            valid = self._validate_entra(token)
+            kid = str(tokens.unverified_header(token).get("kid"))
+            if time.monotonic() - self._unknown_kids.get(kid, -UNKNOWN_KID_MEMORY) < UNKNOWN_KID_MEMORY:
+                raise
+            await self._refresh_keys("unknown key id", kid)
+            try:
+                valid = self._validate_entra(token)
+            except TokenError as again:
+                if again.unknown_key:
+                    if len(self._unknown_kids) >= MAX_UNKNOWN_KIDS:
+                        self._unknown_kids.clear()
+                    self._unknown_kids[kid] = time.monotonic()
+                raise
         return TokenIdentity("EntraID", valid.subject, str(valid.claims.get("tid")))
 
     def _validate_entra(self, token: str) -> ValidToken:
@@ -113,10 +126,15 @@ class TokenAuthenticator:
                                            types=types, skew=self._skew)
         return TokenIdentity(AUTH_NAMES[valid.kind], valid.subject, None)
 
-    async def _refresh_keys(self, why: str) -> None:
+    async def _refresh_keys(self, why: str, kid: str | None = None) -> None:
+        """Fetch the tenant's keys; at most one fetch every JWKS_MIN_REFRESH seconds
+        (a token naming a new kid waits for the next allowed fetch, it does not fail)."""
         async with self._fetch_lock:
-            if time.monotonic() - self._fetched_at < JWKS_MIN_REFRESH and self._keys:
-                return
+            if kid is not None and kid in self._keys:
+                return  # another request fetched it meanwhile
+            wait = self._fetched_at + JWKS_MIN_REFRESH - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._fetched_at = time.monotonic()
             assert self._session is not None
             url = self._entra.metadata_url

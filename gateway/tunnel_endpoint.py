@@ -23,6 +23,7 @@ from websockets.http11 import Request, Response
 from cmg.config import GatewayConfig
 from tunnel import (
     ErrorCode,
+    PublishedRole,
     Role,
     TunnelClosedError,
     TunnelProtocol,
@@ -145,6 +146,11 @@ class TunnelEndpoint:
                                   hello.connection_point, peer, cert_name)
                 await session.close(ErrorCode.PROTOCOL_ERROR, "certificate does not match the connection point name")
                 return
+            overreach = self._overreach(hello.roles)
+            if overreach:
+                self._log.warning("Refused connection point %s at %s: %s", hello.connection_point, peer, overreach)
+                await session.close(ErrorCode.PROTOCOL_ERROR, "publishes endpoints the site does not")
+                return
             session.send_welcome(self.instance_name)
             link = ConnectorLink(
                 name=hello.connection_point, site_code=hello.site_code, session=session,
@@ -165,6 +171,18 @@ class TunnelEndpoint:
             if not runner.done():
                 runner.cancel()
             self._sessions.discard(session)
+
+    def _overreach(self, roles: tuple[PublishedRole, ...]) -> str:
+        """What a hello announces beyond the site's roles and endpoints, or ''."""
+        allowed = {r.role_id: r for r in self._config.roles}
+        for role in roles:
+            mine = allowed.get(role.role_id)
+            if mine is None:
+                return f"it publishes role {role.role_id}, which is not a role of site {self._config.site_code}"
+            extra = {p.lower() for p in role.paths} - {e.lower() for e in mine.endpoints}
+            if extra:
+                return f"it publishes endpoints {', '.join(sorted(extra))} of role {role.role_id}, which the site does not"
+        return ""
 
     def _revocation_refusal(self, cert: x509.Certificate | None) -> str:
         """Why a connection point's certificate is refused, or '' (TLS checked the chain)."""

@@ -156,6 +156,11 @@ class TunnelProtocol:
         self._peer_settings: Settings | None = None
         self._local_draining = False
         self._peer_draining = False
+        # After our DRAIN we send a PING: its PONG proves the peer has read the DRAIN,
+        # so streams it opened before that (they arrive before the PONG) are still
+        # served; only streams arriving after it are refused.
+        self._drain_ping: bytes | None = None
+        self._drain_seen_by_peer = False
         self._streams: dict[int, _Stream] = {}
         self._recently_reset: OrderedDict[int, None] = OrderedDict()
         self._next_stream_id = 1  # gateway: the next id we open
@@ -178,6 +183,11 @@ class TunnelProtocol:
     @property
     def local_draining(self) -> bool:
         return self._local_draining
+
+    @property
+    def drain_acknowledged(self) -> bool:
+        """Our DRAIN was read by the peer: no stream of its can arrive any more."""
+        return self._drain_seen_by_peer
 
     @property
     def peer_draining(self) -> bool:
@@ -372,7 +382,7 @@ class TunnelProtocol:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"even stream id {stream_id} from the gateway")
         method, target, headers = decode_request_head(frame.payload)
         self._last_peer_stream_id = stream_id
-        if self._local_draining or len(self._streams) >= self.limits.max_concurrent_streams:
+        if self._drain_seen_by_peer or len(self._streams) >= self.limits.max_concurrent_streams:
             # Not a tunnel error: the stream was never processed, the gateway may retry it.
             self._queue(Frame(FrameType.RESET, 0, stream_id, encode_reset(ErrorCode.REFUSED_STREAM)))
             if not frame.end_stream:
@@ -486,6 +496,8 @@ class TunnelProtocol:
         # The channel is ordered: every older ping was answered (or is lost with it).
         while self._pings:
             key, _ = self._pings.popitem(last=False)
+            if key == self._drain_ping:
+                self._drain_seen_by_peer = True
             if key == ping_id:
                 break
         self._last_rtt = max(0.0, self.clock() - sent_at)
@@ -725,7 +737,10 @@ class TunnelProtocol:
     def drain(self) -> None:
         """Queue DRAIN (once): the peer must open no new stream; ours in flight go on.
 
-        From now on new incoming streams are refused with RESET REFUSED_STREAM.
+        A PING follows the DRAIN. Streams the peer opened before it read the DRAIN
+        (they arrive before that PING's PONG) are served as usual; streams arriving
+        after the PONG are refused with RESET REFUSED_STREAM (never processed, so the
+        peer may retry them elsewhere). This is HTTP/2's GOAWAY-then-PING shutdown.
         Raises LocalProtocolError before the handshake; a no-op once closed.
         """
         if self._closed or self._local_draining:
@@ -733,6 +748,8 @@ class TunnelProtocol:
         self._peer()
         self._local_draining = True
         self._queue(Frame(FrameType.DRAIN))
+        self.ping()
+        self._drain_ping = next(reversed(self._pings))
 
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Queue CLOSE and move to CLOSED (every stream is gone). A no-op once closed."""

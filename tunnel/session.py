@@ -268,6 +268,10 @@ class TunnelSession:
         return self.protocol.closed or self._closed_event.is_set()
 
     @property
+    def drain_acknowledged(self) -> bool:
+        return self.protocol.drain_acknowledged
+
+    @property
     def peer_draining(self) -> bool:
         return self.protocol.peer_draining
 

@@ -494,7 +494,7 @@ def test_drain_from_connector() -> None:
     connector.drain()
     connector.drain()  # once only
     g_events, _ = pump(gateway, connector)
-    assert g_events == [DrainReceived()]
+    assert g_events == [DrainReceived(), PingReceived()]  # the drain ping follows
     assert gateway.peer_draining and connector.local_draining
     with pytest.raises(DrainingError):
         gateway.open_stream("GET", "/", [])
@@ -508,25 +508,40 @@ def test_drain_from_connector() -> None:
     assert gateway.open_streams == connector.open_streams == 0
 
 
-def test_stream_racing_a_drain_is_refused() -> None:
+def test_stream_racing_a_drain_is_still_served() -> None:
     gateway, connector = handshake()
     connector.drain()
-    drain_bytes = connector.data_to_send()
+    drain_bytes = connector.data_to_send()  # DRAIN + PING, not yet delivered
     racing = gateway.open_stream("POST", "/", [])  # sent before the DRAIN arrived
-    gateway.send_data(racing, b"x" * 100)
+    gateway.send_data(racing, b"x" * 100, end_stream=True)
     c_events = transfer(gateway, connector)
-    assert c_events == []  # never processed
+    assert RequestReceived(racing, "POST", "/", (), False) in c_events  # served, not refused
     for chunk in drain_bytes:
-        gateway.receive_data(chunk)
+        gateway.receive_data(chunk)  # DrainReceived; PONG queued
+    transfer(gateway, connector)  # the PONG: the gateway has seen the DRAIN
+    connector.send_response(racing, 200, "OK", [], end_stream=True)
     g_events = transfer(connector, gateway)
-    assert StreamReset(racing, ErrorCode.REFUSED_STREAM, "") in g_events
+    assert ResponseReceived(racing, 200, "OK", (), True) in g_events
     assert gateway.open_streams == connector.open_streams == 0
+
+
+def test_stream_after_the_drain_was_acknowledged_is_refused() -> None:
+    gateway, connector = handshake()
+    connector.drain()
+    transfer(connector, gateway)  # DRAIN + PING
+    transfer(gateway, connector)  # PONG
+    # A (misbehaving) gateway that opens a stream anyway: refused, never processed.
+    gateway._peer_draining = False  # type: ignore[attr-defined]
+    late = gateway.open_stream("GET", "/", [], end_stream=True)
+    assert transfer(gateway, connector) == []
+    g_events = transfer(connector, gateway)
+    assert StreamReset(late, ErrorCode.REFUSED_STREAM, "") in g_events
 
 
 def test_local_drain_on_gateway_blocks_new_streams() -> None:
     gateway, connector = handshake()
     gateway.drain()
-    assert transfer(gateway, connector) == [DrainReceived()]
+    assert transfer(gateway, connector) == [DrainReceived(), PingReceived()]
     with pytest.raises(DrainingError):
         gateway.open_stream("GET", "/", [])
 
