@@ -192,7 +192,7 @@ class Analyzer:
 
     async def roles(self, s: aiohttp.ClientSession, entra_token: str | None) -> None:
         probes = {"MP": "SMS_MP/.sms_aut?MPLIST", "SUP": "ClientWebService/client.asmx",
-                  "DP": "SMS_DP_SMSPKG$/", "AdminService": "AdminService/"}
+                  "DP": "SMS_DP_SMSPKG$/PS100001.1/payload-1024.bin", "AdminService": "AdminService/"}
         # A token client: the CCM token an Entra-joined device gets, else a site-issued client token.
         token = await self._ccm_token(s, entra_token) or self._client_token()
         for role in self.d["roles"]:
