@@ -1,8 +1,8 @@
 """Certificate revocation from CRL files ("Verify client certificate revocation").
 
 CRLs are read from the configured files, each accepted only if it is signed by the CA
-it names and not past its next update; files are re-read when they change (checked at
-most every few seconds). When a certificate's issuer has no usable CRL the status is
+it names and not past its next update; files are re-read as soon as they change (a
+stat per check: cheap next to a TLS handshake). When a certificate's issuer has no usable CRL the status is
 *unknown*, and the configured policy decides: ``refuse`` (the default, as a Windows
 client with revocation checking fails with CERT_REV_FAILED) or ``allow``; both are logged.
 """
@@ -10,14 +10,11 @@ client with revocation checking fails with CERT_REV_FAILED) or ``allow``; both a
 from __future__ import annotations
 
 import datetime as dt
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-
-RECHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +29,9 @@ class CRLStore:
 
     def __init__(self, files: tuple[Path, ...]) -> None:
         self._files = files
-        self._mtimes: dict[Path, float | None] = {}
+        self._mtimes: dict[Path, tuple[int, int] | None] = {}
         self._crls: dict[x509.Name, x509.CertificateRevocationList] = {}
         self._problems: dict[Path, str] = {}
-        self._checked = 0.0
 
     @property
     def problems(self) -> dict[Path, str]:
@@ -43,14 +39,11 @@ class CRLStore:
         return dict(self._problems)
 
     def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked < RECHECK_SECONDS and self._checked:
-            return
-        self._checked = now
-        mtimes: dict[Path, float | None] = {}
+        mtimes: dict[Path, tuple[int, int] | None] = {}
         for f in self._files:
             try:
-                mtimes[f] = f.stat().st_mtime
+                st = f.stat()
+                mtimes[f] = (st.st_mtime_ns, st.st_size)
             except OSError:
                 mtimes[f] = None
         if mtimes == self._mtimes:

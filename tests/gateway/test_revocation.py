@@ -6,14 +6,12 @@ import time
 import pytest
 
 from cmg import pki
-from gateway import revocation
 from gateway.client_auth import ClientCertificateVerifier, Verdict
 from gateway.revocation import CRLStore
 
 
 @pytest.fixture
-def certs(tmp_path, monkeypatch):
-    monkeypatch.setattr(revocation, "RECHECK_SECONDS", 0.0)
+def certs(tmp_path):
     made = pki.init_certificates(tmp_path / "certs")
     return made
 

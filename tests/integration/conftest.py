@@ -80,6 +80,21 @@ def start_stack(tmp_path_factory: pytest.TempPathFactory, name: str, **kw: Any) 
     return Deployment(d, data, stack)
 
 
+@pytest.fixture
+def stack_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Stacks of a test's own (stopped after it), for tests that break them."""
+    made: list[Deployment] = []
+
+    def make(name: str, **kw: Any) -> Deployment:
+        dep = start_stack(tmp_path_factory, name, **kw)
+        made.append(dep)
+        return dep
+
+    yield make
+    for dep in made:
+        dep.stack.stop()
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory):
     """One instance, one connection point: every request shares one tunnel."""

@@ -144,3 +144,21 @@ async def test_rogue_connector_with_malformed_frames_loses_only_its_own_tunnel(s
         status, _, _ = await get(single, s, single.mp_path("SMS_MP/.sms_aut?MPLIST"))
     assert status == 200
     assert single.stack.process("gateway-0").pid == gateway_pid and single.stack.process("gateway-0").alive()
+
+
+
+def test_a_revoked_connection_point_is_refused(tmp_path_factory, stack_factory):
+    from cmg import pki
+
+    dep = stack_factory("revoked", instances=1, connectors=1)
+    certs = dep.path("ca_cert").parent
+    cert = pki.load_pem_certificates(certs / "connection-point-CMGCP01.pem")[0]
+    pki.revoke(certs, cert)
+    proc = dep.stack.process("connector-CMGCP01")
+    os.kill(proc.pid, signal.SIGKILL)  # the supervisor starts it again; the gateway must refuse it now
+    log_path = dep.path("logs_dir") / "CMGService.log"
+    deadline = time.monotonic() + 30
+    while "Refused connection point CMGCP01" not in log_path.read_text():
+        assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+        time.sleep(0.2)
+    assert "is revoked since" in log_path.read_text()
