@@ -23,7 +23,10 @@ This module creates all of that in one directory with ``cryptography`` alone:
 ``client.pem`` / ``.key``       the default internet client ``CLIENT01.corp.contoso.com``
 ``client-<NN>.pem`` / ``.key``  further clients (``CLIENT<NN>...``), NN from 02
 ``site-ca.pem`` / ``.key``      the site's separate self-signed connector CA
+``site-ca.crl``                 CRL signed by the site CA, next update in 7 days
 ``connection-point-<N>.pem``    connection point certificate (issued by the site CA)
+``token-signing.pem`` / ``.key``  the site's token-signing certificate (issued by the
+                                site CA, 2 years, always RSA: site tokens are RS256)
 ==============================  =====================================================
 
 Every file holding a private key (``*.key``, the PFX and its password file) is
@@ -65,6 +68,7 @@ __all__ = [
     "issue_client_certificate",
     "issue_server_certificate",
     "issue_connection_point_certificate",
+    "issue_token_signing_certificate",
     "new_authority",
     "write_pem_bundle",
     "write_private_key",
@@ -74,6 +78,7 @@ __all__ = [
     "read_password_file",
     "revoke",
     "thumbprint",
+    "token_signing_kid",
     "describe",
 ]
 
@@ -92,10 +97,12 @@ DEFAULT_CONNECTION_POINT = "CMGCP01"
 ROOT_CA_NAME = "CMG Emulator Root CA"
 ISSUING_CA_NAME = "CMG Emulator Issuing CA"
 CONNECTION_POINT_ORGANIZATION = "Cloud Proxy Connector"
+TOKEN_SIGNING_ORGANIZATION = "Configuration Manager"
 
 ROOT_LIFETIME = _dt.timedelta(days=3650)
 ISSUING_LIFETIME = _dt.timedelta(days=5 * 365)
 LEAF_LIFETIME = _dt.timedelta(days=365)
+TOKEN_SIGNING_LIFETIME = _dt.timedelta(days=2 * 365)
 CRL_LIFETIME = _dt.timedelta(days=7)
 # Certificates start a little in the past so a peer whose clock is slightly behind
 # still accepts a certificate made a moment ago.
@@ -116,6 +123,9 @@ CLIENT_CERT = "client.pem"
 CLIENT_KEY = "client.key"
 SITE_CA_CERT = "site-ca.pem"
 SITE_CA_KEY = "site-ca.key"
+SITE_CRL = "site-ca.crl"
+TOKEN_SIGNING_CERT = "token-signing.pem"
+TOKEN_SIGNING_KEY = "token-signing.key"
 
 # Same rules as cmg/config.py applies to its settings.
 _SITE_CODE_RE = re.compile(r"^[A-Za-z0-9]{3}$")
@@ -455,8 +465,12 @@ def _issue_leaf(
     extended_key_usage: Sequence[x509.ObjectIdentifier] | None,
     not_before: _dt.datetime | None,
     not_after: _dt.datetime | None,
+    key_usage: x509.KeyUsage | None = None,
+    lifetime: _dt.timedelta = LEAF_LIFETIME,
 ) -> x509.Certificate:
-    start, end = _default_window(ca.cert, LEAF_LIFETIME, not_before, not_after)
+    start, end = _default_window(ca.cert, lifetime, not_before, not_after)
+    if key_usage is None:
+        key_usage = _leaf_key_usage(key)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -466,7 +480,7 @@ def _issue_leaf(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_leaf_key_usage(key), critical=True)
+        .add_extension(key_usage, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(_authority_key_identifier(ca.cert), critical=False)
     )
@@ -554,9 +568,65 @@ def issue_connection_point_certificate(
     return cert, key
 
 
+def _token_signing_name(site_code: str) -> str:
+    return f"ConfigMgr Token Signing - {site_code.upper()}"
+
+
+def _token_signing_key_type(key_type: str) -> str:
+    # Site-issued tokens are RS256, so the key is RSA whatever the deployment's
+    # key_type: 4096 bits when asked for, otherwise 2048 (also for "ec").
+    return "rsa4096" if key_type == "rsa4096" else "rsa2048"
+
+
+_TOKEN_SIGNING_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+def issue_token_signing_certificate(
+    site_ca: Authority, site_code: str, *, key_type: str = "rsa2048"
+) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """The site's token-signing certificate, issued by the site CA.
+
+    CN ``ConfigMgr Token Signing - <SITE CODE>``, O ``Configuration Manager``, key
+    usage digitalSignature only, no EKU, no SAN, 2 years (capped at the site CA's
+    validity). The key is always RSA (site tokens are RS256): 4096 bits for
+    ``key_type="rsa4096"``, 2048 otherwise, including ``"ec"``.
+    """
+    _check_site_code(site_code)
+    _check_key_type(key_type)
+    key = generate_key(_token_signing_key_type(key_type))
+    cert = _issue_leaf(
+        site_ca,
+        _name(_token_signing_name(site_code), TOKEN_SIGNING_ORGANIZATION),
+        key=key,
+        dns_names=(),
+        extended_key_usage=None,
+        not_before=None,
+        not_after=None,
+        key_usage=_TOKEN_SIGNING_KEY_USAGE,
+        lifetime=TOKEN_SIGNING_LIFETIME,
+    )
+    return cert, key
+
+
 def thumbprint(cert: x509.Certificate) -> str:
     """SHA-1 thumbprint as Windows shows it: 40 upper-case hex digits, no separators."""
     return cert.fingerprint(hashes.SHA1()).hex().upper()
+
+
+def token_signing_kid(cert: x509.Certificate) -> str:
+    """The ``kid`` JWT header for tokens signed with ``cert``'s key: its thumbprint
+    (SHA-1, 40 upper-case hex digits), stable for as long as the certificate is."""
+    return thumbprint(cert)
 
 
 # --------------------------------------------------------------------------- CRLs
@@ -596,31 +666,54 @@ def _load_crl(path: Path) -> x509.CertificateRevocationList:
     return x509.load_pem_x509_crl(Path(path).read_bytes())
 
 
+# (CA certificate, CA key, its CRL), in the order revoke() tries them.
+_REVOCATION_AUTHORITIES = (
+    (ISSUING_CA_CERT, ISSUING_CA_KEY, ISSUING_CRL),
+    (SITE_CA_CERT, SITE_CA_KEY, SITE_CRL),
+    (ROOT_CA_CERT, ROOT_CA_KEY, ROOT_CRL),
+)
+
+
+def _revoking_authority(directory: Path, cert: x509.Certificate) -> tuple[Authority, Path]:
+    """The directory's CA that issued ``cert`` (name and signature) and its CRL path."""
+    tried: list[str] = []
+    for cert_name, key_name, crl_name in _REVOCATION_AUTHORITIES:
+        try:
+            ca_cert = load_pem_certificates(directory / cert_name)[0]
+        except FileNotFoundError:
+            continue
+        tried.append(ca_cert.subject.rfc4514_string())
+        if cert.issuer == ca_cert.subject and _issued_by(cert, ca_cert):
+            return Authority.load(directory / cert_name, directory / key_name), directory / crl_name
+    if not tried:
+        raise FileNotFoundError(f"no CA certificate in {directory}")
+    raise ValueError(
+        f"certificate (issuer {cert.issuer.rfc4514_string()}) was not issued by any CA in "
+        f"{directory} ({'; '.join(tried)}); its serial belongs in none of its CRLs"
+    )
+
+
 def revoke(
     directory: Path,
     cert: x509.Certificate,
     reason: x509.ReasonFlags = x509.ReasonFlags.key_compromise,
 ) -> None:
-    """Add ``cert`` to ``issuing-ca.crl`` (keeping existing entries) and re-sign it.
+    """Add ``cert`` to its issuer's CRL (keeping existing entries) and re-sign it.
 
-    The certificate must have been issued by the directory's issuing CA. Revoking a
+    The CRL is chosen by the CA that issued ``cert`` (subject name and signature):
+    the issuing CA -> ``issuing-ca.crl`` (clients, the server), the site CA ->
+    ``site-ca.crl`` (connection points, token signing), the root -> ``root-ca.crl``
+    (the issuing CA). A certificate from any other CA raises ValueError. Revoking a
     serial that is already listed only refreshes the CRL. The CRL number goes up by one.
     """
     directory = Path(directory)
-    ca = Authority.load(directory / ISSUING_CA_CERT, directory / ISSUING_CA_KEY)
-    if cert.issuer != ca.cert.subject:
-        raise ValueError(
-            f"certificate (issuer {cert.issuer.rfc4514_string()}) was not issued by "
-            f"{ca.cert.subject.rfc4514_string()}; its serial does not belong in {ISSUING_CRL}"
-        )
-    crl_path = directory / ISSUING_CRL
+    ca, crl_path = _revoking_authority(directory, cert)
     entries: list[x509.RevokedCertificate] = []
     number = 0
-    if crl_path.exists():
-        old = _load_crl(crl_path)
-        if old.is_signature_valid(ca.key.public_key()):
-            entries = list(old)
-            number = _crl_number(old)
+    old = _crl_usable(crl_path, ca.cert)  # None when missing, unreadable or not ca's
+    if old is not None:
+        entries = list(old)
+        number = _crl_number(old)
     if not any(e.serial_number == cert.serial_number for e in entries):
         entry = (
             x509.RevokedCertificateBuilder()
@@ -655,6 +748,9 @@ class CertificateSet:
     client_key: Path
     site_ca: Path
     site_ca_key: Path
+    site_crl: Path
+    # (certificate, key) of the site's token-signing certificate.
+    token_signing: tuple[Path, Path]
     connection_points: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     # Every client (cert, key) including the default one first.
     clients: tuple[tuple[Path, Path], ...] = ()
@@ -765,6 +861,8 @@ def _paths(d: Path, connection_points: Sequence[str], clients: int) -> Certifica
         client_key=d / CLIENT_KEY,
         site_ca=d / SITE_CA_CERT,
         site_ca_key=d / SITE_CA_KEY,
+        site_crl=d / SITE_CRL,
+        token_signing=(d / TOKEN_SIGNING_CERT, d / TOKEN_SIGNING_KEY),
         connection_points={
             n: tuple(d / f for f in connection_point_files(n)) for n in connection_points
         },
@@ -844,9 +942,9 @@ def init_certificates(
     else:
         issuing = Authority(*pair)
 
-    # CRLs: a new one when missing or not signed by the current CA; a stale one is
-    # re-signed with its entries.
-    for ca, path, ca_new in ((root, cs.root_crl, root_new), (issuing, cs.issuing_crl, issuing_new)):
+    def refresh_crl(ca: Authority, path: Path, ca_new: bool) -> None:
+        # A new CRL when missing or not signed by the current CA; a stale one is
+        # re-signed with its entries.
         crl = None if (force or ca_new) else _crl_usable(path, ca.cert)
         if crl is None:
             _write_crl(path, _build_crl(ca, [], 1))
@@ -854,6 +952,9 @@ def init_certificates(
         elif not _crl_fresh(crl):
             _write_crl(path, _build_crl(ca, list(crl), _crl_number(crl) + 1))
             created.append(path.name)
+
+    refresh_crl(root, cs.root_crl, root_new)
+    refresh_crl(issuing, cs.issuing_crl, issuing_new)
 
     # Server certificate and PFX.
     pair = keep(cs.server_cert, cs.server_key, issuing.cert, issuing_new)
@@ -888,6 +989,7 @@ def init_certificates(
         save(cs.site_ca, cs.site_ca_key, [site.cert], site.key)
     else:
         site = Authority(*pair)
+    refresh_crl(site, cs.site_crl, site_new)
     for name, (cert_path, key_path) in cs.connection_points.items():
         pair = keep(cert_path, key_path, site.cert, site_new)
         if pair is not None and _common_name(pair[0]) != name:
@@ -896,7 +998,32 @@ def init_certificates(
             cert, key = issue_connection_point_certificate(site, name, key_type=key_type)
             save(cert_path, key_path, [cert], key)
 
+    # The site's token-signing certificate (always RSA: site tokens are RS256).
+    cert_path, key_path = cs.token_signing
+    pair = keep(cert_path, key_path, site.cert, site_new)
+    if pair is not None and not _token_signing_ok(pair, _token_signing_name(site_code)):
+        pair = None
+    if pair is None:
+        cert, key = issue_token_signing_certificate(site, site_code, key_type=key_type)
+        save(cert_path, key_path, [cert], key)
+
     return dataclasses.replace(cs, created=tuple(created))
+
+
+def _token_signing_ok(pair: tuple[x509.Certificate, PrivateKey], common_name: str | None) -> bool:
+    """An RSA key of at least 2048 bits and, unless None, exactly this CN."""
+    cert, key = pair
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size < 2048:
+        return False
+    return common_name is None or _common_name(cert) == common_name
+
+
+def _site_code_of(site_ca: x509.Certificate) -> str | None:
+    """The site code in a site CA's CN ``SMS Issuing - <code>``, or None."""
+    name = _common_name(site_ca) or ""
+    prefix = _site_ca_name("")
+    code = name[len(prefix):] if name.startswith(prefix) else ""
+    return code if _SITE_CODE_RE.match(code) else None
 
 
 def certificates_present(
@@ -907,7 +1034,8 @@ def certificates_present(
     """True when ``init_certificates`` (same names, one client) would write nothing:
     every file is there, loads, is current, chains to the CAs in the directory, the
     server CN is exactly ``service_name`` and the PFX opens with its password file.
-    (The site code is not checked: any site CA in place counts.)"""
+    (The site code is not checked: any site CA in place counts, and the token-signing
+    certificate must carry that site CA's site code.)"""
     d = Path(directory)
     if isinstance(connection_points, str):
         connection_points = (connection_points,)
@@ -932,10 +1060,19 @@ def certificates_present(
     site = _load_usable(cs.site_ca, cs.site_ca_key, None)
     if site is None:
         return False
+    crl = _crl_usable(cs.site_crl, site[0])
+    if crl is None or not _crl_fresh(crl):
+        return False
     for name, (cert_path, key_path) in cs.connection_points.items():
         pair = _load_usable(cert_path, key_path, site[0])
         if pair is None or _common_name(pair[0]) != name:
             return False
+    site_code = _site_code_of(site[0])
+    token = _load_usable(*cs.token_signing, site[0])
+    if token is None or not _token_signing_ok(
+        token, _token_signing_name(site_code) if site_code else None
+    ):
+        return False
     return True
 
 
@@ -989,6 +1126,8 @@ def describe(cs: CertificateSet) -> list[str]:
     for cert_path, key_path in clients:
         lines.append(cert_line(cert_path, key_path))
     lines.append(cert_line(cs.site_ca, cs.site_ca_key))
+    lines.append(crl_line(cs.site_crl))
     for cert_path, key_path in cs.connection_points.values():
         lines.append(cert_line(cert_path, key_path))
+    lines.append(cert_line(*cs.token_signing))
     return lines

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
@@ -28,7 +28,9 @@ PUBLIC_FILES = {
     "cmg-server.pem",
     "client.pem",
     "site-ca.pem",
+    "site-ca.crl",
     "connection-point-CMGCP01.pem",
+    "token-signing.pem",
 }
 SECRET_FILES = {
     "root-ca.key",
@@ -39,6 +41,7 @@ SECRET_FILES = {
     "client.key",
     "site-ca.key",
     "connection-point-CMGCP01.key",
+    "token-signing.key",
 }
 SERVER_FILES = {"cmg-server.pem", "cmg-server.key", "cmg-server.pfx", "cmg-server.pfx.password"}
 
@@ -117,6 +120,8 @@ def test_init_creates_every_file_with_the_right_modes(tmp_path):
     assert cs.client_key == directory / "client.key"
     assert cs.site_ca == directory / "site-ca.pem"
     assert cs.site_ca_key == directory / "site-ca.key"
+    assert cs.site_crl == directory / "site-ca.crl"
+    assert cs.token_signing == (directory / "token-signing.pem", directory / "token-signing.key")
     assert cs.connection_points == {
         "CMGCP01": (directory / "connection-point-CMGCP01.pem", directory / "connection-point-CMGCP01.key")
     }
@@ -205,6 +210,163 @@ def test_crls_are_signed_and_due_in_seven_days(shared, cas):
         assert crl.is_signature_valid(ca.cert.public_key())
         assert len(list(crl)) == 0
         assert dt.timedelta(days=6, hours=23) < crl.next_update_utc - now() <= dt.timedelta(days=7)
+
+
+def test_site_crl_is_signed_by_the_site_ca(shared, cas):
+    root, issuing, site = cas
+    crl = x509.load_pem_x509_crl(shared.site_crl.read_bytes())
+    assert crl.issuer == site.cert.subject
+    assert crl.is_signature_valid(site.cert.public_key())
+    assert not crl.is_signature_valid(issuing.cert.public_key())
+    assert not crl.is_signature_valid(root.cert.public_key())
+    assert len(list(crl)) == 0
+    assert ext(crl, x509.CRLNumber).value.crl_number == 1
+    assert ext(crl, x509.AuthorityKeyIdentifier).value.key_identifier == \
+        ext(site.cert, x509.SubjectKeyIdentifier).value.digest
+    assert dt.timedelta(days=6, hours=23) < crl.next_update_utc - now() <= dt.timedelta(days=7)
+
+
+def test_token_signing_certificate(shared, cas):
+    root, issuing, site = cas
+    chain = pki.load_pem_certificates(shared.token_signing[0])
+    assert len(chain) == 1
+    token = chain[0]
+    assert cn(token) == "ConfigMgr Token Signing - PS1"
+    assert token.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "Configuration Manager"
+    assert token.issuer == site.cert.subject
+    token.verify_directly_issued_by(site.cert)
+    assert ext(token, x509.AuthorityKeyIdentifier).value.key_identifier == \
+        ext(site.cert, x509.SubjectKeyIdentifier).value.digest
+    assert not ext(token, x509.BasicConstraints).value.ca
+    ku = ext(token, x509.KeyUsage)
+    assert ku.critical
+    assert ku.value.digital_signature
+    assert not any((ku.value.content_commitment, ku.value.key_encipherment, ku.value.data_encipherment,
+                    ku.value.key_agreement, ku.value.key_cert_sign, ku.value.crl_sign))
+    for cls in (x509.ExtendedKeyUsage, x509.SubjectAlternativeName):
+        with pytest.raises(x509.ExtensionNotFound):
+            ext(token, cls)
+    assert 725 <= (token.not_valid_after_utc - now()).days <= 730
+    assert token.not_valid_after_utc <= site.cert.not_valid_after_utc
+
+    # Chains to the site CA (and to nothing else here; cryptography's WebPKI verifier
+    # is not used because it requires a SAN); the key signs RS256 (PKCS#1 v1.5, SHA-256).
+    for other in (root.cert, issuing.cert):
+        with pytest.raises(ValueError):
+            token.verify_directly_issued_by(other)
+    key = serialization.load_pem_private_key(shared.token_signing[1].read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048
+    signature = key.sign(b"header.payload", padding.PKCS1v15(), hashes.SHA256())
+    token.public_key().verify(signature, b"header.payload", padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_token_signing_kid_is_the_thumbprint(shared):
+    token = first_cert(shared.token_signing[0])
+    kid = pki.token_signing_kid(token)
+    assert kid == pki.thumbprint(token)
+    assert re.fullmatch(r"[0-9A-F]{40}", kid)
+    assert kid == pki.token_signing_kid(first_cert(shared.token_signing[0]))  # stable
+    assert any("token-signing.pem" in line and kid in line for line in pki.describe(shared))
+
+
+def test_issue_token_signing_certificate_is_always_rsa(cas):
+    _, _, site = cas
+    for key_type, bits in (("ec", 2048), ("rsa2048", 2048)):
+        cert, key = pki.issue_token_signing_certificate(site, "ps9", key_type=key_type)
+        assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == bits
+        assert cn(cert) == "ConfigMgr Token Signing - PS9"
+    with pytest.raises(ValueError):
+        pki.issue_token_signing_certificate(site, "TOOLONG")
+    with pytest.raises(ValueError):
+        pki.issue_token_signing_certificate(site, "PS1", key_type="rsa1024")
+
+
+def test_token_signing_is_regenerated_when_unusable(tmp_path):
+    token_files = {"token-signing.pem", "token-signing.key"}
+    cs = pki.init_certificates(tmp_path, key_type="ec")
+    site = pki.Authority.load(cs.site_ca, cs.site_ca_key)
+    cert_path, key_path = cs.token_signing
+
+    # Missing key.
+    key_path.unlink()
+    assert not pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
+    assert set(pki.init_certificates(tmp_path).created) == token_files
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+
+    # Not issued by the site CA (the issuing CA signed it instead).
+    issuing = pki.Authority.load(cs.issuing_ca, cs.issuing_ca_key)
+    cert, key = pki.issue_token_signing_certificate(issuing, "PS1")
+    pki.write_pem_bundle(cert_path, [cert])
+    pki.write_private_key(key_path, key)
+    assert not pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
+    assert set(pki.init_certificates(tmp_path).created) == token_files
+    first_cert(cert_path).verify_directly_issued_by(site.cert)
+
+    # An EC key, even in a certificate the site CA issued: tokens are RS256.
+    ec_cert, ec_key = pki.issue_connection_point_certificate(site, "TOKENEC", key_type="ec")
+    pki.write_pem_bundle(cert_path, [ec_cert])
+    pki.write_private_key(key_path, ec_key)
+    assert not pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
+    assert set(pki.init_certificates(tmp_path).created) == token_files
+    assert isinstance(first_cert(cert_path).public_key(), rsa.RSAPublicKey)
+
+    # The CN of another site code.
+    cert, key = pki.issue_token_signing_certificate(site, "XYZ")
+    pki.write_pem_bundle(cert_path, [cert])
+    pki.write_private_key(key_path, key)
+    assert not pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
+    assert set(pki.init_certificates(tmp_path).created) == token_files
+    assert cn(first_cert(cert_path)) == "ConfigMgr Token Signing - PS1"
+
+    # Expired.
+    cert = pki._issue_leaf(
+        site, first_cert(cert_path).subject, key=key, dns_names=(), extended_key_usage=None,
+        not_before=now() - dt.timedelta(days=30), not_after=now() - dt.timedelta(days=1),
+    )
+    pki.write_pem_bundle(cert_path, [cert])
+    pki.write_private_key(key_path, key)
+    assert set(pki.init_certificates(tmp_path).created) == token_files
+    assert first_cert(cert_path).not_valid_after_utc > now()
+
+    # An existing RSA 2048 key is kept when key_type asks for 4096 (as for every file).
+    assert pki.init_certificates(tmp_path, key_type="rsa4096").created == ()
+    assert pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
+
+
+def test_site_crl_is_recreated_or_refreshed(tmp_path):
+    cs = pki.init_certificates(tmp_path, key_type="ec")
+    site = pki.Authority.load(cs.site_ca, cs.site_ca_key)
+
+    # Missing, or signed by someone else: a new empty one.
+    cs.site_crl.unlink()
+    assert not pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
+    assert pki.init_certificates(tmp_path).created == ("site-ca.crl",)
+    cs.site_crl.write_bytes(cs.issuing_crl.read_bytes())
+    assert pki.init_certificates(tmp_path).created == ("site-ca.crl",)
+    crl = x509.load_pem_x509_crl(cs.site_crl.read_bytes())
+    assert crl.issuer == site.cert.subject and crl.is_signature_valid(site.cert.public_key())
+
+    # Past its next update: re-signed with its entries and the next number.
+    cp = first_cert(cs.connection_points["CMGCP01"][0])
+    pki.revoke(tmp_path, cp)
+    old = x509.load_pem_x509_crl(cs.site_crl.read_bytes())
+    stale = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(site.cert.subject)
+        .last_update(now() - dt.timedelta(days=10))
+        .next_update(now() - dt.timedelta(days=3))
+        .add_extension(x509.CRLNumber(7), critical=False)
+        .add_revoked_certificate(list(old)[0])
+        .sign(site.key, hashes.SHA256())
+    )
+    cs.site_crl.write_bytes(stale.public_bytes(serialization.Encoding.PEM))
+    assert not pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
+    assert pki.init_certificates(tmp_path).created == ("site-ca.crl",)
+    crl = x509.load_pem_x509_crl(cs.site_crl.read_bytes())
+    assert [e.serial_number for e in crl] == [cp.serial_number]
+    assert ext(crl, x509.CRLNumber).value.crl_number == 8
+    assert crl.next_update_utc > now() + dt.timedelta(days=6)
+    assert pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
 
 
 # --------------------------------------------------------------------------- verification
@@ -360,8 +522,12 @@ def test_missing_files_are_recreated_with_what_depends_on_them(tmp_path):
 
     # A new site code means a new site CA and new connection point certificates.
     created = set(pki.init_certificates(tmp_path, site_code="ps2").created)
-    assert created == {"site-ca.pem", "site-ca.key", "connection-point-CMGCP01.pem", "connection-point-CMGCP01.key"}
+    assert created == {"site-ca.pem", "site-ca.key", "site-ca.crl",
+                       "connection-point-CMGCP01.pem", "connection-point-CMGCP01.key",
+                       "token-signing.pem", "token-signing.key"}
     assert cn(first_cert(tmp_path / "site-ca.pem")) == "SMS Issuing - PS2"
+    assert cn(first_cert(tmp_path / "token-signing.pem")) == "ConfigMgr Token Signing - PS2"
+    assert pki.init_certificates(tmp_path, site_code="PS2").created == ()
 
 
 def test_force_regenerates_everything(tmp_path):
@@ -434,6 +600,14 @@ def test_ec_certificates(tmp_path):
                  cs.connection_points["CMGCP01"][0]):
         key = first_cert(path).public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    # ... except the token-signing key: site tokens are RS256, so it is RSA 2048 even here,
+    # in a certificate the (EC) site CA signed.
+    token = first_cert(cs.token_signing[0])
+    assert isinstance(token.public_key(), rsa.RSAPublicKey) and token.public_key().key_size == 2048
+    token_key = serialization.load_pem_private_key(cs.token_signing[1].read_bytes(), None)
+    assert isinstance(token_key, rsa.RSAPrivateKey) and token_key.key_size == 2048
+    token.verify_directly_issued_by(first_cert(cs.site_ca))
+    assert isinstance(token.signature_hash_algorithm, hashes.SHA256)
     root, issuing = first_cert(cs.root_ca), first_cert(cs.issuing_ca)
     client_verifier(root).verify(first_cert(cs.client_cert), [issuing])
     server_verifier(root).verify(first_cert(cs.server_cert), [issuing])
@@ -443,10 +617,10 @@ def test_ec_certificates(tmp_path):
 
 
 def test_rsa4096_certificates(tmp_path):
-    # The only RSA-4096 test: generating eight 4096-bit keys takes a few seconds.
+    # The only RSA-4096 test: generating nine 4096-bit keys takes a few seconds.
     cs = pki.init_certificates(tmp_path, key_type="rsa4096")
     for path in (cs.root_ca, cs.issuing_ca, cs.server_cert, cs.client_cert, cs.site_ca,
-                 cs.connection_points["CMGCP01"][0]):
+                 cs.connection_points["CMGCP01"][0], cs.token_signing[0]):
         assert first_cert(path).public_key().key_size == 4096
     root, issuing = first_cert(cs.root_ca), first_cert(cs.issuing_ca)
     server_verifier(root).verify(first_cert(cs.server_cert), [issuing])
@@ -490,8 +664,75 @@ def test_revoke_adds_serials_and_keeps_existing_entries(tmp_path):
 
 def test_revoke_refuses_a_certificate_from_another_issuer(tmp_path):
     cs = pki.init_certificates(tmp_path, key_type="ec")
+    before = snapshot(tmp_path)
+    stranger_ca = pki.new_authority("Untrusted Root", key_type="ec")
+    stranger, _ = pki.issue_client_certificate(stranger_ca, "STRANGER.corp.contoso.com", key_type="ec")
     with pytest.raises(ValueError):
-        pki.revoke(tmp_path, first_cert(cs.connection_points["CMGCP01"][0]))
+        pki.revoke(tmp_path, stranger)
+    # The issuing CA's name is not enough: the signature has to be the issuing CA's too.
+    impostor_ca = pki.new_authority("CMG Emulator Issuing CA", key_type="ec")
+    impostor, _ = pki.issue_client_certificate(impostor_ca, "CLIENT01.corp.contoso.com", key_type="ec")
+    assert impostor.issuer == first_cert(cs.issuing_ca).subject
+    with pytest.raises(ValueError):
+        pki.revoke(tmp_path, impostor)
+    assert snapshot(tmp_path) == before
+
+
+def test_revoke_picks_the_crl_of_the_issuer(tmp_path):
+    cs = pki.init_certificates(tmp_path, key_type="ec")
+    site = pki.Authority.load(cs.site_ca, cs.site_ca_key)
+    root = pki.Authority.load(cs.root_ca, cs.root_ca_key)
+    cp = first_cert(cs.connection_points["CMGCP01"][0])
+    issuing_crl = cs.issuing_crl.read_bytes()
+    root_crl = cs.root_crl.read_bytes()
+
+    def load(path):
+        return x509.load_pem_x509_crl(path.read_bytes())
+
+    # A connection point certificate lands in the site CA's CRL, and only there.
+    pki.revoke(tmp_path, cp, x509.ReasonFlags.cessation_of_operation)
+    crl = load(cs.site_crl)
+    assert crl.issuer == site.cert.subject and crl.is_signature_valid(site.cert.public_key())
+    entry = crl.get_revoked_certificate_by_serial_number(cp.serial_number)
+    assert entry is not None
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == \
+        x509.ReasonFlags.cessation_of_operation
+    assert ext(crl, x509.CRLNumber).value.crl_number == 2
+    assert cs.issuing_crl.read_bytes() == issuing_crl
+    assert load(cs.issuing_crl).get_revoked_certificate_by_serial_number(cp.serial_number) is None
+    assert cs.root_crl.read_bytes() == root_crl
+
+    # So does the token-signing certificate; the site CRL keeps both entries.
+    token = first_cert(cs.token_signing[0])
+    pki.revoke(tmp_path, token)
+    crl = load(cs.site_crl)
+    assert {e.serial_number for e in crl} == {cp.serial_number, token.serial_number}
+    assert ext(crl, x509.CRLNumber).value.crl_number == 3
+
+    # The issuing CA itself is revoked in the root's CRL.
+    issuing = first_cert(cs.issuing_ca)
+    pki.revoke(tmp_path, issuing)
+    crl = load(cs.root_crl)
+    assert crl.is_signature_valid(root.cert.public_key())
+    assert [e.serial_number for e in crl] == [issuing.serial_number]
+    assert cs.issuing_crl.read_bytes() == issuing_crl
+
+    # A later init keeps every CRL (and everything else) as it is.
+    before = snapshot(tmp_path)
+    assert pki.init_certificates(tmp_path).created == ()
+    assert snapshot(tmp_path) == before
+    assert pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
+
+
+def test_revoke_into_a_missing_site_crl_starts_a_new_one(tmp_path):
+    cs = pki.init_certificates(tmp_path, key_type="ec")
+    cs.site_crl.unlink()
+    cp = first_cert(cs.connection_points["CMGCP01"][0])
+    pki.revoke(tmp_path, cp)
+    assert stat.S_IMODE(cs.site_crl.stat().st_mode) == 0o644
+    crl = x509.load_pem_x509_crl(cs.site_crl.read_bytes())
+    assert [e.serial_number for e in crl] == [cp.serial_number]
+    assert pki.certificates_present(tmp_path, SERVICE, ["CMGCP01"])
 
 
 # --------------------------------------------------------------------------- misc
