@@ -147,6 +147,9 @@ class GatewayConfig:
     traffic_summary_interval: float
     client_auth: ClientAuthConfig
     roles: tuple[RoleConfig, ...]  # what the site may publish through this CMG
+    client_header_timeout: float  # a request head must be complete this long after its first byte
+    client_body_timeout: float  # a request body may pause this long at most
+    max_connections: int  # client TLS connections per instance; more are closed at once
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,9 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_request_body": int,
         "drain_timeout": (int, float),
         "traffic_summary_interval": (int, float),
+        "client_header_timeout": (int, float),
+        "client_body_timeout": (int, float),
+        "max_connections": int,
     },
     "certificates": {
         "dir": str,
@@ -328,6 +334,9 @@ class Deployment:
     max_request_body: int = 16 * 1024**3
     drain_timeout: float = 30.0
     traffic_summary_interval: float = 300.0
+    client_header_timeout: float = 15.0
+    client_body_timeout: float = 120.0
+    max_connections: int = 20000
     certs: Mapping[str, Any] = field(default_factory=dict)
     site_code: str = DEFAULT_SITE_CODE
     site_bind: str = "127.0.0.1"
@@ -443,6 +452,9 @@ class Deployment:
             traffic_summary_interval=self.traffic_summary_interval,
             client_auth=self.client_auth(),
             roles=self.roles,
+            client_header_timeout=self.client_header_timeout,
+            client_body_timeout=self.client_body_timeout,
+            max_connections=self.max_connections,
         )
 
     def connection_point(self, name: str) -> ConnectionPointConfig:
@@ -588,9 +600,11 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
         kw["enforce_tls12"] = service["enforce_tls12"]
     if "max_request_body" in service:
         kw["max_request_body"] = int(_positive("service.max_request_body", service["max_request_body"]))
-    for key in ("drain_timeout", "traffic_summary_interval"):
+    for key in ("drain_timeout", "traffic_summary_interval", "client_header_timeout", "client_body_timeout"):
         if key in service:
             kw[key] = float(_positive(f"service.{key}", service[key]))
+    if "max_connections" in service:
+        kw["max_connections"] = int(_positive("service.max_connections", service["max_connections"]))
 
     roots = certs.get("trusted_client_roots")
     if roots is not None and (not roots or not all(isinstance(r, str) for r in roots)):

@@ -7,12 +7,13 @@ import logging
 import socket
 
 from aiohttp import web
+from OpenSSL import SSL
 
-from cmg.anyverb import AnyVerbServer
 from cmg.cmtrace import open_log
 from cmg.config import GatewayConfig
 
 from .client_auth import ClientCertificateVerifier
+from .http_server import GatewayServer
 from .proxy import ClientRequestHandler
 from .revocation import CRLStore
 from .routing import Routes
@@ -56,6 +57,8 @@ class GatewayInstance:
         self.tunnels: TunnelEndpoint | None = None
         self.handler: ClientRequestHandler | None = None
         self.tokens: TokenAuthenticator | None = None
+        self._connections: set[TLSServerProtocol] = set()
+        self._refused_connections = 0
 
     async def start(self) -> None:
         cfg = self.config
@@ -78,13 +81,13 @@ class GatewayInstance:
         await self.tunnels.start()
 
         self.handler = ClientRequestHandler(cfg, self.routes, verifier, self.tokens, self.summary, self.log)
-        self._web = AnyVerbServer(self.handler, auto_decompress=False, access_log=None, keepalive_timeout=120,
+        self._web = GatewayServer(self.handler, header_timeout=cfg.client_header_timeout, log=self.log,
+                                  auto_decompress=False, access_log=None, keepalive_timeout=120,
                                max_field_size=16384, max_line_size=16384)
         sock = client_socket(cfg.bind, cfg.client_port, reuse_port=True)
         loop = asyncio.get_running_loop()
         web_server = self._web
-        self._server = await loop.create_server(
-            lambda: TLSServerProtocol(ctx, web_server), sock=sock)
+        self._server = await loop.create_server(lambda: self._client_protocol(ctx, web_server), sock=sock)
         self._summary_task = asyncio.ensure_future(self._summaries())
         self.log.info(
             "CMG %s instance %s started: clients on %s:%d (TLS %s), tunnels on %s:%d; client "
@@ -94,6 +97,18 @@ class GatewayInstance:
             "on" if auth.verify_revocation else "off",
             auth.entra.tenant_id if auth.entra.enabled else "not enabled",
         )
+
+    def _client_protocol(self, ctx: SSL.Context, web_server: web.Server) -> asyncio.Protocol:
+        """A new client connection, or a closed door once max_connections are open."""
+        if len(self._connections) >= self.config.max_connections:
+            self._refused_connections += 1
+            if self._refused_connections in (1, 10, 100) or self._refused_connections % 1000 == 0:
+                self.log.warning("Connection limit %d reached: %d connections refused so far",
+                                 self.config.max_connections, self._refused_connections)
+            return _Refuse()
+        proto = TLSServerProtocol(ctx, web_server, on_lost=self._connections.discard)
+        self._connections.add(proto)
+        return proto
 
     @property
     def client_port(self) -> int:
@@ -131,3 +146,10 @@ class GatewayInstance:
         self.log.info("CMG instance %d stopped", cfg.instance)
         for h in list(self.log.handlers):
             h.flush()
+
+
+class _Refuse(asyncio.Protocol):
+    """Closes a connection at once (over the connection limit)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]

@@ -281,18 +281,37 @@ class ClientRequestHandler:
         return resp
 
     async def _pump_request(self, request: web.BaseRequest, stream: TunnelStream, sent: list[int]) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self._config.client_body_timeout
+        stalled = [False]
+
+        def stall() -> None:  # the client paused its body too long: cut it off
+            stalled[0] = True
+            self._abort(request)
+
+        timer = loop.call_later(timeout, stall)
+        content = request.content
         try:
-            async for chunk in request.content.iter_any():
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                timer.cancel()
                 await stream.write(chunk)
                 sent[0] += len(chunk)
+                timer = loop.call_later(timeout, stall)
+            timer.cancel()
             await stream.end()
         except (StreamResetError, TunnelClosedError):
             return  # the response side reports it
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the client's body broke off: never let a short upload look complete
-            self._log.info("Request body broke off after %d bytes: %s", sent[0], exc.__class__.__name__)
+            why = f"stalled for {timeout:.0f} s" if stalled[0] else exc.__class__.__name__
+            self._log.info("Request body broke off after %d bytes: %s", sent[0], why)
             stream.reset(ErrorCode.CANCEL, "client request body incomplete")
+        finally:
+            timer.cancel()
 
     # --- answers of the gateway's own ---
 

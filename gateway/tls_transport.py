@@ -93,7 +93,9 @@ class TLSServerProtocol(asyncio.Protocol):
 
     def __init__(self, context: SSL.Context, app_factory: Callable[[], asyncio.Protocol],
                  handshake_timeout: float = 30.0,
-                 on_handshake: Callable[[TLSAppTransport], None] | None = None) -> None:
+                 on_handshake: Callable[[TLSAppTransport], None] | None = None,
+                 on_lost: Callable[["TLSServerProtocol"], None] | None = None) -> None:
+        self._on_lost = on_lost
         self.context = context
         self._app_factory = app_factory
         self._handshake_timeout = handshake_timeout
@@ -191,6 +193,8 @@ class TLSServerProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._on_lost is not None:
+            self._on_lost(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
