@@ -1,0 +1,172 @@
+"""``python -m bench`` / ``cmg bench``: run the scenarios, print the table, write JSON and PNG."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import profile as profiling
+from . import report, scenarios, sysdeps, workloads
+from .load import GeneratorError, Generators, build_shim
+from .servers import Backend, ServerError
+
+MiB = 1024 * 1024
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cmg bench", description=(
+        "Benchmark the CMG path against direct HTTPS, an nginx TLS proxy and an SSH reverse "
+        "tunnel, all in front of the same nginx backend on loopback."))
+    p.add_argument("--quick", action="store_true", help="short runs (the whole run in under 5 minutes)")
+    p.add_argument("--json", type=Path, help="write the results as a JSON list to FILE")
+    p.add_argument("--plot", type=Path, help="write a PNG plot to FILE (needs matplotlib)")
+    p.add_argument("--only", help=f"comma-separated scenarios ({', '.join(scenarios.SCENARIOS)}; "
+                                  "'cmg' = every cmg variant)")
+    p.add_argument("--workloads", help=f"comma-separated workloads ({', '.join(workloads.WORKLOADS)})")
+    p.add_argument("--connections", help="keep-alive connection counts for get-1k (default 1,16,64,256)")
+    p.add_argument("--seconds", type=float, help="seconds per wrk run (default 10, --quick 2)")
+    p.add_argument("--reps", type=int, help="repetitions per measurement (default 3)")
+    p.add_argument("--generator-cpus", default="1",
+                   help="CPU list the load generators are pinned to with taskset ('' = no pinning; default 1)")
+    p.add_argument("--large-mib", type=int, default=100, help="size of the bulk transfer file in MiB (default 100)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="py-spy the gateway and connection points during an extra 64-connection run")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs) afterwards")
+    return p
+
+
+def _sigterm(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    t0 = time.monotonic()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    try:
+        names = scenarios.select(args.only)
+        chosen = workloads.select(args.workloads)
+        conns = tuple(int(c) for c in args.connections.split(",")) if args.connections else workloads.DEFAULT_CONNECTIONS
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    settings = workloads.Settings(
+        seconds=args.seconds or (2.0 if args.quick else 10.0),
+        reps=args.reps or 3,
+        bulk_reps=args.reps or 3,
+        connections=conns,
+        workloads=chosen,
+    )
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("bench: --plot needs matplotlib: pip install matplotlib (or the 'bench' extra)", file=sys.stderr)
+            return 2
+
+    needed = ["nginx", "wrk", "curl", "gcc", "taskset"]
+    if "ssh-tunnel" in names:
+        needed += ["sshd", "ssh", "ssh-keygen"]
+    try:
+        tools = sysdeps.ensure(needed, log=progress)
+    except sysdeps.MissingTool as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    py_spy = None
+    if args.profile:
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not os.access(py_spy, os.X_OK):
+            print("bench: --profile needs py-spy: pip install py-spy", file=sys.stderr)
+            return 2
+
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    workdir = Path(tempfile.mkdtemp(prefix="cmg-bench-", dir=base))
+    # nginx's workers (an unprivileged user) read the files under it.
+    workdir.chmod(0o755)
+    rows: list[workloads.Row] = []
+    backend: Backend | None = None
+    try:
+        progress(f"work folder {workdir}; scenarios {', '.join(names)}; workloads {', '.join(chosen)}; "
+                 f"{settings.seconds:g} s x {settings.reps} per measurement")
+        certs = workdir / "certs"
+        scenarios.init_pki(certs)
+        shim = build_shim(tools["gcc"], workdir / "wrk_clientcert.so")
+        backend = Backend(tools["nginx"], workdir, scenarios.server_tls(certs), args.large_mib * MiB).start()
+        progress(f"backend nginx: http :{backend.http_port}, https :{backend.https_port}")
+        shared = scenarios.Shared(tools, workdir, certs, backend)
+        gen = Generators(tools["wrk"], tools["curl"], workdir, tools["taskset"], args.generator_cpus or None, shim)
+        for name in names:
+            progress(f"starting {name}")
+            with scenarios.open_scenario(name, shared) as run:
+                progress(f"{name}: {run.description}")
+                after = None
+                if py_spy and name.startswith("cmg"):
+                    after = _profiler(py_spy, gen, settings, args.profile, progress)
+                rows.extend(workloads.run_scenario(gen, run, settings, backend.files["large"], progress,
+                                                   after_gets=after))
+            progress(f"stopped {name}")
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; stopping everything", file=sys.stderr)
+        return 130
+    except (ServerError, GeneratorError, sysdeps.MissingTool) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if backend is not None:
+            backend.stop()
+        signal.signal(signal.SIGTERM, previous)
+        if args.keep:
+            print(f"bench: work folder kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report.add_ratios(rows)
+    print()
+    print(report.format_table(rows))
+    print()
+    print("x nginx / x direct: req/s (MB/s for the 100 MiB transfers) relative to the same workload "
+          "through nginx / straight to the backend.")
+    if args.json:
+        report.write_json(rows, args.json)
+        print(f"JSON: {args.json}")
+    if args.plot:
+        from .plot import plot
+
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
+    print(f"bench: done in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+def _profiler(py_spy: str, gen: Generators, s: workloads.Settings, out: Path, progress):
+    """An extra, unrecorded 64-connection run with py-spy attached to every CMG process."""
+
+    def run_profiled(run: scenarios.Running) -> None:
+        seconds = max(4.0, s.seconds * 2)
+        targets = {}
+        for kind in ("gateway", "connector"):
+            for i, pid in enumerate(run.groups[kind]()):
+                targets[f"{run.name}-{kind}-{i}"] = pid
+        progress(f"{run.name}: profiling {', '.join(targets)} during {seconds:g} s at 64 connections")
+        rec = profiling.Recorder(py_spy, out, targets, seconds)
+        time.sleep(0.3)
+        r = gen.wrk_get(run.target, workloads.SMALL, 64, seconds)
+        profiles = rec.finish()
+        text = profiling.format_profiles(profiles)
+        (out / f"{run.name}-top.txt").write_text(f"{r.rps:,.0f} req/s while profiled\n{text}\n")
+        progress(f"{run.name}: profiled run {r.rps:,.0f} req/s; summary in {out / (run.name + '-top.txt')}")
+
+    return run_profiled
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""CPU time and resident memory of the processes under test, per named group."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import psutil
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_s: dict[str, float]  # CPU seconds (user + system) used per group during the run
+    peak_rss_kb: dict[str, int]  # highest summed RSS per group seen during the run
+    wall_s: float = 0.0
+    system_busy_s: float = 0.0  # busy CPU seconds of the machine (all cores), minus this process
+
+
+def system_busy() -> float:
+    """Busy CPU seconds of the whole machine since boot (everything but idle and iowait)."""
+    t = psutil.cpu_times()
+    return float(sum(getattr(t, f) for f in ("user", "nice", "system", "irq", "softirq", "steal")
+                     if hasattr(t, f)))
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _rss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total // 1024
+
+
+def _own_cpu() -> float:
+    # The benchmark's own process (probe thread, this sampler) is not "other" work.
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+class Monitor:
+    """Measures groups of process trees over one run: ``with Monitor(groups) as m: ...``.
+
+    ``groups`` maps a name (``gateway``, ``connector``, ``backend``...) to a function
+    returning the root pids of that group now (restarted processes are picked up).
+    CPU is the difference of the trees' CPU times at the end and at the start; RSS is
+    sampled every ``interval`` seconds in a thread.
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]], interval: float = 0.2) -> None:
+        self._groups = groups
+        self._interval = interval
+        self._start: dict[str, dict[int, float]] = {}
+        self._peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.usage: Usage | None = None
+
+    def _procs(self, name: str) -> list[psutil.Process]:
+        out: list[psutil.Process] = []
+        for pid in self._groups[name]():
+            out.extend(_tree(pid))
+        return out
+
+    def _per_pid_cpu(self, name: str) -> dict[int, float]:
+        out = {}
+        for p in self._procs(name):
+            out[p.pid] = _cpu([p])
+        return out
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            for name in self._groups:
+                self._peak[name] = max(self._peak.get(name, 0), _rss(self._procs(name)))
+
+    def __enter__(self) -> "Monitor":
+        self._t0 = time.monotonic()
+        self._busy0 = system_busy() - _own_cpu()
+        self._start = {name: self._per_pid_cpu(name) for name in self._groups}
+        self._peak = {name: _rss(self._procs(name)) for name in self._groups}
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        cpu: dict[str, float] = {}
+        for name in self._groups:
+            end = self._per_pid_cpu(name)
+            before = self._start.get(name, {})
+            # A process born during the run counts from zero.
+            cpu[name] = sum(max(0.0, t - before.get(pid, 0.0)) for pid, t in end.items())
+            self._peak[name] = max(self._peak.get(name, 0), _rss(self._procs(name)))
+        self.usage = Usage(cpu, dict(self._peak), time.monotonic() - self._t0,
+                           system_busy() - _own_cpu() - self._busy0)

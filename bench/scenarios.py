@@ -1,0 +1,191 @@
+"""The scenarios: what sits between the client and the backend, started and stopped.
+
+Each scenario is a context manager that starts its servers, yields a
+:class:`Running` (where to send requests, which process groups to measure) and stops
+everything it started on exit, on an error or on Ctrl-C alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from cmg import pki
+from cmg.config import ROLE_ID_BASE
+from cmg.launcher import Stack, free_port, free_port_run
+
+from . import nginx_conf
+from .load import Target
+from .servers import Backend, Nginx, SshTunnel
+
+DP_ROLE_ID = ROLE_ID_BASE + 6
+SCENARIOS = ("direct", "cmg-1i1c", "cmg-2i2c", "nginx", "ssh-tunnel")
+CONNECTION_POINTS = ("CMGCP01", "CMGCP02")
+
+
+@dataclass
+class Shared:
+    """What every scenario uses: programs, the work folder, the PKI, the backend."""
+
+    tools: dict[str, str]
+    workdir: Path
+    certs: Path
+    backend: Backend
+    service_name: str = pki.DEFAULT_SERVICE_NAME
+
+    @property
+    def tls(self) -> nginx_conf.TLSFiles:
+        return server_tls(self.certs)
+
+    def target(self, port: int, prefix: str = "") -> Target:
+        return Target(url=f"https://127.0.0.1:{port}", host=self.service_name, prefix=prefix,
+                      ca=self.certs / pki.ROOT_CA_CERT, client_cert=self.certs / pki.CLIENT_CERT,
+                      client_key=self.certs / pki.CLIENT_KEY)
+
+
+@dataclass
+class Running:
+    name: str
+    target: Target
+    groups: dict[str, Callable[[], list[int]]]
+    description: str
+
+
+def init_pki(certs: Path) -> Path:
+    """The deployment's certificates (once), and the client-CA bundle nginx verifies with."""
+    pki.init_certificates(certs, service_name=pki.DEFAULT_SERVICE_NAME,
+                          site_code=pki.DEFAULT_SITE_CODE, connection_points=list(CONNECTION_POINTS))
+    bundle = certs / "bench-client-cas.pem"
+    bundle.write_bytes((certs / pki.ROOT_CA_CERT).read_bytes() + (certs / pki.ISSUING_CA_CERT).read_bytes())
+    chain = certs / "bench-server-chain.pem"
+    # The server certificate file may hold the chain already; nginx sends what it is given.
+    chain.write_bytes((certs / pki.SERVER_CERT).read_bytes())
+    return bundle
+
+
+def server_tls(certs: Path) -> nginx_conf.TLSFiles:
+    return nginx_conf.TLSFiles(certificate=certs / "bench-server-chain.pem", key=certs / pki.SERVER_KEY,
+                               client_ca=certs / "bench-client-cas.pem")
+
+
+def cmg_overrides(certs: Path, backend_url: str, instances: int) -> dict[str, dict[str, object]]:
+    """Stack overrides: the DP role points at the backend; MP and SUP stay on the mock site.
+
+    Roles given here replace the default roles, so all three are listed; the mock site
+    gets fixed free ports so that the MP and SUP URLs are right.
+    """
+    mp_port, sup_port, dp_port = free_port(), free_port(), free_port()
+    return {
+        "service": {"tunnel_base_port": free_port_run(instances)},
+        "certificates": {"dir": str(certs)},
+        "site": {
+            "mp_port": mp_port, "sup_port": sup_port, "dp_port": dp_port,
+            "roles": [
+                {"role_id": ROLE_ID_BASE + 3, "kind": "MP", "name": "MP01",
+                 "internal_url": f"http://127.0.0.1:{mp_port}"},
+                {"role_id": ROLE_ID_BASE + 4, "kind": "SUP", "name": "SUP01",
+                 "internal_url": f"http://127.0.0.1:{sup_port}"},
+                {"role_id": DP_ROLE_ID, "kind": "DP", "name": "DP01", "internal_url": backend_url,
+                 "endpoints": ["SMS_DP_SMSPKG$"]},
+            ],
+        },
+    }
+
+
+@contextlib.contextmanager
+def direct(shared: Shared) -> Iterator[Running]:
+    be = shared.backend
+    yield Running("direct", shared.target(be.https_port), {"backend": lambda: [be.nginx.proc.pid]},
+                  "HTTPS straight to the backend nginx")
+
+
+@contextlib.contextmanager
+def cmg(shared: Shared, instances: int, connectors: int) -> Iterator[Running]:
+    name = f"cmg-{instances}i{connectors}c"
+    d = shared.workdir / name
+    d.mkdir(parents=True, exist_ok=True)
+    stack = Stack(d, port=free_port(), instances=instances, connectors=connectors,
+                  overrides=cmg_overrides(shared.certs, f"http://127.0.0.1:{shared.backend.http_port}",
+                                          instances))
+    stack.start()
+    try:
+        def pids(kind: str) -> Callable[[], list[int]]:
+            return lambda: [p.pid for p in stack.processes if p.kind == kind and p.alive()]
+
+        port = int(stack.deployment["listen"].rpartition(":")[2])
+        be = shared.backend
+        yield Running(name, shared.target(port, f"/CCM_Proxy_MutualAuth/{DP_ROLE_ID}"),
+                      {"gateway": pids("gateway"), "connector": pids("connector"),
+                       "backend": lambda: [be.nginx.proc.pid]},
+                      f"gateway x{instances} -> tunnel -> connection point x{connectors} -> backend")
+    finally:
+        stack.stop()
+
+
+@contextlib.contextmanager
+def nginx_proxy(shared: Shared) -> Iterator[Running]:
+    port = free_port()
+    proxy = Nginx(shared.tools["nginx"], shared.workdir, "proxy",
+                  nginx_conf.proxy_conf(shared.workdir, "proxy", port, shared.backend.http_port, shared.tls),
+                  [port])
+    try:
+        proxy.start()
+        be = shared.backend
+        yield Running("nginx", shared.target(port), {"proxy": lambda: [proxy.proc.pid],
+                                                    "backend": lambda: [be.nginx.proc.pid]},
+                      "nginx TLS reverse proxy -> backend")
+    finally:
+        proxy.stop()
+
+
+@contextlib.contextmanager
+def ssh_tunnel(shared: Shared) -> Iterator[Running]:
+    tunnel = SshTunnel(shared.tools["sshd"], shared.tools["ssh"], shared.tools["ssh-keygen"],
+                       shared.workdir, shared.backend.http_port)
+    port = free_port()
+    proxy = Nginx(shared.tools["nginx"], shared.workdir, "sshproxy",
+                  nginx_conf.proxy_conf(shared.workdir, "sshproxy", port, tunnel.remote_port, shared.tls),
+                  [port])
+    try:
+        tunnel.start()
+        proxy.start()
+        be = shared.backend
+        yield Running("ssh-tunnel", shared.target(port),
+                      {"proxy": lambda: [proxy.proc.pid], "sshd": lambda: [tunnel.sshd.pid],
+                       "ssh": lambda: [tunnel.ssh.pid], "backend": lambda: [be.nginx.proc.pid]},
+                      "nginx TLS -> sshd -> ssh -R (on-prem) -> backend")
+    finally:
+        proxy.stop()
+        tunnel.stop()
+
+
+def open_scenario(name: str, shared: Shared) -> contextlib.AbstractContextManager[Running]:
+    if name == "direct":
+        return direct(shared)
+    if name == "cmg-1i1c":
+        return cmg(shared, 1, 1)
+    if name == "cmg-2i2c":
+        return cmg(shared, 2, 2)
+    if name == "nginx":
+        return nginx_proxy(shared)
+    if name == "ssh-tunnel":
+        return ssh_tunnel(shared)
+    raise ValueError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
+
+
+def select(only: str | None) -> list[str]:
+    """Scenario names for ``--only a,b``; ``cmg`` selects every cmg variant.
+
+    Raises ``ValueError`` naming an unknown scenario.
+    """
+    if not only:
+        return list(SCENARIOS)
+    chosen: list[str] = []
+    for want in (w.strip() for w in only.split(",") if w.strip()):
+        matches = [s for s in SCENARIOS if s == want or s.startswith(want + "-")]
+        if not matches:
+            raise ValueError(f"unknown scenario {want!r} (known: {', '.join(SCENARIOS)})")
+        chosen.extend(m for m in matches if m not in chosen)
+    return [s for s in SCENARIOS if s in chosen]
