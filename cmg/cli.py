@@ -5,6 +5,7 @@
     cmg client        run one internet client through the CMG
     cmg token new     create a bulk registration token
     cmg analyze       the Connection Analyzer
+    cmg bench         the throughput benchmark
     cmg gateway | connector | site   run one component in the foreground
 """
 
@@ -163,7 +164,7 @@ def _component(module: str, rest: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("gateway", "connector", "site"):
+    if argv and argv[0] in ("gateway", "connector", "site", "bench"):
         return _component("mock_site" if argv[0] == "site" else argv[0], argv[1:])
 
     parser = argparse.ArgumentParser(prog="cmg", description="ConfigMgr Cloud Management Gateway emulator")
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     tnew.add_argument("--deployment", default=None, help="deployment.json of a running stack (uses its configuration)")
     tnew.set_defaults(func=_token_new)
 
+    sub.add_parser("bench", help="the benchmark: CMG path vs direct, nginx and an SSH reverse tunnel (cmg bench --help)")
     sub.add_parser("gateway", help="run one gateway instance (python -m gateway --help)")
     sub.add_parser("connector", help="run one connection point (python -m connector --help)")
     sub.add_parser("site", help="run the mock site (python -m mock_site --help)")

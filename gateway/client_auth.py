@@ -23,6 +23,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from .revocation import CRLStore
 
 MIN_RSA_BITS = 2048
+MAX_REMEMBERED_INTERMEDIATES = 64
 
 
 class Verdict(Enum):
@@ -61,6 +62,10 @@ class ClientCertificateVerifier:
             raise ValueError("at least one trusted client root is needed")
         self._store = Store(list(trusted_roots))
         self._crls = crls  # None: revocation is not checked
+        # Intermediates of chains verified before. A resumed TLS session carries the
+        # client's certificate but not the chain it sent in the full handshake; its
+        # issuers are found here (they only help a chain that reaches a trusted root).
+        self._intermediates: dict[bytes, x509.Certificate] = {}
         self._refuse_unknown = refuse_unknown
         self._log = log or logging.getLogger("gateway.client_auth")
 
@@ -88,7 +93,7 @@ class ClientCertificateVerifier:
         when = now or dt.datetime.now(dt.timezone.utc)
         verifier = PolicyBuilder().store(self._store).time(when).build_client_verifier()
         try:
-            verified = verifier.verify(leaf, list(chain[1:]))
+            verified = verifier.verify(leaf, [*chain[1:], *self._intermediates.values()])
         except VerificationError as exc:
             return ClientCertificateCheck(
                 Verdict.REJECTED, reason=f"client certificate '{subject}' is not trusted: {exc}"
@@ -97,6 +102,10 @@ class ClientCertificateVerifier:
             return ClientCertificateCheck(
                 Verdict.REJECTED, reason=f"client certificate '{subject}' cannot be verified: {exc}"
             )
+        for cert in verified.chain[1:-1]:
+            key = cert.subject.public_bytes()
+            if key not in self._intermediates and len(self._intermediates) < MAX_REMEMBERED_INTERMEDIATES:
+                self._intermediates[key] = cert
         if self._crls is not None:
             path = verified.chain  # leaf first, the trusted root last
             for cert, issuer in zip(path, path[1:]):

@@ -58,3 +58,22 @@ def test_untrusted_expired_notyet_and_wrong_usage_are_rejected(authorities):
         check = verifier(root).check((cert, issuing.cert))
         assert check.verdict is Verdict.REJECTED, name
         assert check.reason, name
+
+
+def test_a_resumed_session_without_the_chain_is_verified_with_remembered_intermediates(authorities):
+    root, issuing = authorities
+    cert, _ = pki.issue_client_certificate(issuing, "CLIENT01.corp.contoso.com")
+    v = verifier(root)
+    assert v.check((cert,)).verdict is Verdict.REJECTED  # never saw the issuing CA yet
+    assert v.check((cert, issuing.cert)).verdict is Verdict.TRUSTED  # a full handshake
+    assert v.check((cert,)).verdict is Verdict.TRUSTED  # a resumed one: leaf only
+
+
+def test_an_untrusted_intermediate_is_not_remembered(authorities):
+    root, _ = authorities
+    rogue_root = pki.new_authority("Rogue Root")
+    rogue_issuing = pki.new_authority("Rogue Issuing", parent=rogue_root, path_length=0)
+    cert, _ = pki.issue_client_certificate(rogue_issuing, "x")
+    v = verifier(root)
+    assert v.check((cert, rogue_issuing.cert)).verdict is Verdict.REJECTED
+    assert v._intermediates == {}

@@ -150,3 +150,26 @@ dir = "{certs}"
                        text=True, timeout=60)
     assert r.returncode == 2
     assert "GraniteFalls.WestUS.CloudApp.Azure.Com" in r.stderr and "Other.WestUS.CloudApp.Azure.Com" in r.stderr
+
+
+def test_a_resumed_tls_session_keeps_the_client_identity(single):
+    import socket
+
+    ctx = single.ssl_context()
+    request = (f"GET {single.mp_path('SMS_MP/.sms_aut?MPLIST')} HTTP/1.1\r\nHost: {single.service_name}\r\n"
+               "Connection: close\r\n\r\n").encode()
+
+    def get(session=None):
+        with socket.create_connection((single.host, single.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=single.service_name, session=session) as tls:
+                tls.sendall(request)
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+                return tls.session, tls.session_reused, data.split(b"\r\n", 1)[0]
+
+    first, reused, status = get()
+    assert not reused and b" 200 " in status
+    _, reused, status = get(first)
+    assert reused, "the gateway did not resume the TLS session"
+    assert b" 200 " in status, status  # not 403: the identity survives resumption
