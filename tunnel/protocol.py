@@ -113,6 +113,11 @@ def _should_return(unacked: int, peer_credit: int, window: int) -> bool:
     return unacked >= peer_credit and unacked >= min(quarter, MIN_WINDOW_UPDATE)
 
 
+#: PINGs a peer may send per second before it is cut off (a flood otherwise fills
+#: our outbound queue with PONGs).
+MAX_PINGS_PER_SECOND = 100
+
+
 class Role(Enum):
     GATEWAY = "gateway"
     CONNECTOR = "connector"
@@ -160,6 +165,8 @@ class TunnelProtocol:
         # so streams it opened before that (they arrive before the PONG) are still
         # served; only streams arriving after it are refused.
         self._drain_ping: bytes | None = None
+        self._ping_window_start = self.clock()
+        self._pings_in_window = 0
         self._drain_seen_by_peer = False
         self._streams: dict[int, _Stream] = {}
         self._recently_reset: OrderedDict[int, None] = OrderedDict()
@@ -310,6 +317,7 @@ class TunnelProtocol:
             self._receive_reset(frame, events)
         elif ftype is FrameType.PING:
             decode_ping(frame.payload)
+            self._count_ping()
             self._queue(Frame(FrameType.PONG, 0, 0, frame.payload))
             events.append(PingReceived())
         elif ftype is FrameType.PONG:
@@ -487,6 +495,18 @@ class TunnelProtocol:
         stream = self._streams.pop(frame.stream_id)
         self._return_outstanding(stream)
         events.append(StreamReset(frame.stream_id, code, reason))
+
+    def _count_ping(self) -> None:
+        """A peer pinging more than MAX_PINGS_PER_SECOND makes us queue PONGs it may never
+        read: that is a flood, and a protocol error."""
+        now = self.clock()
+        if now - self._ping_window_start >= 1.0:
+            self._ping_window_start = now
+            self._pings_in_window = 0
+        self._pings_in_window += 1
+        if self._pings_in_window > MAX_PINGS_PER_SECOND:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR,
+                                f"ping flood: more than {MAX_PINGS_PER_SECOND} PINGs in a second")
 
     def _receive_pong(self, frame: Frame, events: list[Event]) -> None:
         ping_id = decode_ping(frame.payload)

@@ -635,3 +635,15 @@ def test_hundred_thousand_sequential_streams_leave_no_state() -> None:
         assert len(protocol._streams) == 0
         assert len(protocol._recently_reset) <= 4096
         assert protocol._tunnel_outstanding == 0
+
+
+def test_a_ping_flood_is_a_protocol_error() -> None:
+    from tunnel.protocol import MAX_PINGS_PER_SECOND
+
+    gateway, connector = handshake()
+    for _ in range(MAX_PINGS_PER_SECOND):
+        connector.ping()
+    transfer(connector, gateway)  # as many as allowed: fine (the fake clock stands still)
+    connector.ping()
+    with pytest.raises(ProtocolError, match="ping flood"):
+        transfer(connector, gateway)
