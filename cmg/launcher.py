@@ -44,6 +44,7 @@ class Process:
     restarts: int = 0
     ready: dict[str, Any] = field(default_factory=dict)
     stderr_path: Path | None = None
+    started_at: float = 0.0
 
     @property
     def pid(self) -> int:
@@ -178,6 +179,7 @@ class Stack:
         )
         err.close()
         p.lines = queue.Queue()
+        p.started_at = time.monotonic()
         threading.Thread(target=_pump_lines, args=(p.proc, p.lines), daemon=True).start()
 
     def _wait_line(self, p: Process, prefix: str, timeout: float) -> dict[str, Any]:
@@ -327,6 +329,8 @@ class Stack:
                 if self._stopping or p.alive():
                     continue
                 code = p.proc.returncode if p.proc else None
+                if time.monotonic() - p.started_at > 60:
+                    delays.pop(p.name, None)  # it ran well for a while: start the backoff over
                 delay = min(delays.get(p.name, 0.5) * 2, 30.0)
                 delays[p.name] = delay
                 sys.stderr.write(f"cmg: {p.name} exited with code {code}; restarting in {delay:.1f} s\n")
@@ -345,6 +349,21 @@ class Stack:
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.deployment, indent=2), encoding="utf-8")
         tmp.replace(out)
+
+    def wait_connected(self, name: str, old_pid: int | None = None, timeout: float = 60.0) -> Process:
+        """Wait until connection point ``name`` (a process other than ``old_pid``, when
+        given: the supervisor's restart) is connected to every instance."""
+        p = self.process(name)
+        deadline = time.monotonic() + timeout
+        while old_pid is not None and (p.pid == old_pid or p.proc is None):
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{name} was not restarted within {timeout:.0f} s")
+            time.sleep(0.05)
+        seen: set[int] = set()
+        instances = int(self.deployment.get("instances", 1)) if self.deployment else 1
+        while len(seen) < instances:
+            seen.add(int(self._wait_line(p, "CONNECTED", max(0.1, deadline - time.monotonic()))["instance"]))
+        return p
 
     def process(self, name: str) -> Process:
         for p in self.processes:

@@ -86,7 +86,7 @@ class ConnectionPoint:
                     compression=None, ping_interval=None, ping_timeout=None, proxy=None,
                     max_size=2 * (cfg.limits.max_frame_size + cfg.limits.max_header_size) + 2**20,
                     max_queue=64, write_limit=cfg.limits.max_frame_size * 4,
-                    open_timeout=cfg.limits.open_timeout, user_agent_header=None,
+                    open_timeout=cfg.limits.open_timeout, close_timeout=2.0, user_agent_header=None,
                 ) as ws:
                     if await self._serve(instance, url, ws):
                         delays = backoff(cfg.reconnect_min, cfg.reconnect_max)

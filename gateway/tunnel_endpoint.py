@@ -58,7 +58,7 @@ class TunnelEndpoint:
             compression=None, ping_interval=None, ping_timeout=None,
             max_size=2 * (lim.max_frame_size + lim.max_header_size) + 2**20,  # frames coalesce; a HELLO may be 1 MiB
             max_queue=64, write_limit=lim.max_frame_size * 4,
-            open_timeout=lim.open_timeout, server_header=None, logger=self._log.getChild("ws"),
+            open_timeout=lim.open_timeout, close_timeout=2.0, server_header=None, logger=self._log.getChild("ws"),
         )
         self._log.info("Tunnel endpoint of %s listening on %s:%d", self.instance_name,
                        self._config.bind, self._config.tunnel_port)
