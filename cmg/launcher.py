@@ -97,7 +97,8 @@ class Stack:
                  connectors: int | None = None, ephemeral: bool = False,
                  connect_timeout: float = 60.0, supervise: bool = True,
                  overrides: dict[str, dict[str, Any]] | None = None,
-                 echo: bool = False) -> None:
+                 echo: bool = False,
+                 command_prefix: dict[str, list[str]] | None = None) -> None:
         self.dir = Path(directory).resolve()
         self.config_file = Path(config_file).resolve() if config_file else None
         if self.config_file is None and (self.dir / "deployment.toml").exists():
@@ -110,6 +111,9 @@ class Stack:
         self.supervise = supervise
         self.overrides = overrides or {}
         self.echo = echo
+        # Per component kind (site, gateway, connector): words put before the command,
+        # e.g. ["ip", "netns", "exec", "cloud"] to run every gateway in a namespace.
+        self.command_prefix = command_prefix or {}
         self.processes: list[Process] = []
         self.notes: list[str] = []
         self.deployment: dict[str, Any] = {}
@@ -207,8 +211,9 @@ class Stack:
                 return ":\n  " + "\n  ".join(tail)
         return ""
 
-    def _argv(self, module: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", module, "--config", str(self.resolved_path), "--dir", str(self.dir), *extra]
+    def _argv(self, kind: str, module: str, *extra: str) -> list[str]:
+        return [*self.command_prefix.get(kind, []), sys.executable, "-m", module,
+                "--config", str(self.resolved_path), "--dir", str(self.dir), *extra]
 
     # --- lifecycle ---
 
@@ -230,7 +235,7 @@ class Stack:
             self.notes.append(f"certificates generated in {certs_dir} ({len(made.created)} files)")
         deployment = self._write_resolved(raw)
 
-        site = Process("mock_site", "site", self._argv("mock_site"))
+        site = Process("mock_site", "site", self._argv("site", "mock_site"))
         self.processes.append(site)
         self._spawn(site)
         site.ready = self._wait_line(site, "READY", 30)
@@ -245,7 +250,7 @@ class Stack:
             # The site was started with port 0: it keeps the ports it took.
 
         for i in range(deployment.instances):
-            g = Process(f"gateway-{i}", "gateway", self._argv("gateway", "--instance", str(i)))
+            g = Process(f"gateway-{i}", "gateway", self._argv("gateway", "gateway", "--instance", str(i)))
             self.processes.append(g)
             self._spawn(g)
         for g in self.processes:
@@ -253,7 +258,7 @@ class Stack:
                 g.ready = self._wait_line(g, "READY", 30)
 
         for name in deployment.connection_point_names:
-            c = Process(f"connector-{name}", "connector", self._argv("connector", "--name", name))
+            c = Process(f"connector-{name}", "connector", self._argv("connector", "connector", "--name", name))
             self.processes.append(c)
             self._spawn(c)
         for c in self.processes:
