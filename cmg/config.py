@@ -150,6 +150,13 @@ class GatewayConfig:
     client_header_timeout: float  # a request head must be complete this long after its first byte
     client_body_timeout: float  # a request body may pause this long at most
     max_connections: int  # client TLS connections per instance; more are closed at once
+    monitoring_bind: str  # /metrics, /healthz, /readyz, /status: never on the client port
+    monitoring_base_port: int  # instance i: base + i
+    monitoring_peer_host: str  # where this instance finds its peers' monitoring ports
+
+    @property
+    def monitoring_port(self) -> int:
+        return self.monitoring_base_port + self.instance
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "client_header_timeout": (int, float),
         "client_body_timeout": (int, float),
         "max_connections": int,
+        "monitoring_bind": str,
+        "monitoring_base_port": int,
     },
     "certificates": {
         "dir": str,
@@ -337,6 +346,8 @@ class Deployment:
     client_header_timeout: float = 15.0
     client_body_timeout: float = 120.0
     max_connections: int = 20000
+    monitoring_bind: str = "127.0.0.1"
+    monitoring_base_port: int = 9124
     certs: Mapping[str, Any] = field(default_factory=dict)
     site_code: str = DEFAULT_SITE_CODE
     site_bind: str = "127.0.0.1"
@@ -455,6 +466,9 @@ class Deployment:
             client_header_timeout=self.client_header_timeout,
             client_body_timeout=self.client_body_timeout,
             max_connections=self.max_connections,
+            monitoring_bind=self.monitoring_bind,
+            monitoring_base_port=self.monitoring_base_port,
+            monitoring_peer_host=self.monitoring_bind if self.monitoring_bind not in ("0.0.0.0", "::") else "127.0.0.1",
         )
 
     def connection_point(self, name: str) -> ConnectionPointConfig:
@@ -603,6 +617,13 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
     for key in ("drain_timeout", "traffic_summary_interval", "client_header_timeout", "client_body_timeout"):
         if key in service:
             kw[key] = float(_positive(f"service.{key}", service[key]))
+    if "monitoring_bind" in service:
+        kw["monitoring_bind"] = _address("service.monitoring_bind", service["monitoring_bind"])
+    if "monitoring_base_port" in service:
+        base = _port("service.monitoring_base_port", service["monitoring_base_port"])
+        if base + instances - 1 > 65535:
+            raise ConfigError(f"'service.monitoring_base_port' {base} leaves no port for instance {instances - 1}")
+        kw["monitoring_base_port"] = base
     if "max_connections" in service:
         kw["max_connections"] = int(_positive("service.max_connections", service["max_connections"]))
 

@@ -141,6 +141,7 @@ class Stack:
         if self.ephemeral or self.port == 0:
             service["client_port"] = free_port(bind)
             service["tunnel_base_port"] = free_port_run(first.instances, bind)
+            service["monitoring_base_port"] = free_port_run(first.instances, first.monitoring_bind)
             site = raw.setdefault("site", {})
             for key in ("mp_port", "sup_port", "dp_port", "entra_port"):
                 site[key] = 0
@@ -291,6 +292,7 @@ class Stack:
                 return str(p.resolve())
 
         connect_host = d.bind if d.bind not in ("0.0.0.0", "::") else "127.0.0.1"
+        mon_host = d.monitoring_bind if d.monitoring_bind not in ("0.0.0.0", "::") else "127.0.0.1"
         return {
             "service_name": d.service_name,
             "site_code": d.site_code,
@@ -324,6 +326,10 @@ class Stack:
             "logs_dir": rel(d.path(d.logs_dir)),
             "config": rel(self.resolved_path),
             "processes": [{"name": p.name, "kind": p.kind, "pid": p.pid} for p in self.processes],
+            "status_url": f"http://{mon_host}:{d.monitoring_base_port}/status",
+            "ready_url": f"http://{mon_host}:{d.monitoring_base_port}/readyz",
+            "metrics_urls": {f"gateway-{i}": f"http://{mon_host}:{d.monitoring_base_port + i}/metrics"
+                             for i in range(d.instances)},
         }
 
     def _supervise(self) -> None:

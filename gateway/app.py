@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 from aiohttp import web
 from OpenSSL import SSL
@@ -14,9 +15,11 @@ from cmg.config import GatewayConfig
 
 from .client_auth import ClientCertificateVerifier
 from .http_server import GatewayServer
+from .metrics import GatewayMetrics
+from .monitoring import MonitoringServer
 from .proxy import ClientRequestHandler
 from .revocation import CRLStore
-from .routing import Routes
+from .routing import ConnectorLink, Routes
 from .service_log import TrafficSummary
 from .token_auth import TokenAuthenticator
 from .tls import StartupError, check_service_name, client_context, load_certificates, load_server_identity, tunnel_context
@@ -50,10 +53,15 @@ class GatewayInstance:
         self.log = open_log(f"gateway.{config.instance}", config.logs_dir / f"CMGService{suffix}.log",
                             "CMGService", config.log_format, echo=echo)
         self.routes = Routes()
+        self.instance_name = f"ProxyService_IN_{config.instance}"
+        self.started_at = time.time()
+        self.metrics = GatewayMetrics(config.instance)
+        self.known_connection_points: set[str] = set()
+        self.monitoring: MonitoringServer | None = None
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
         self._summary_task: asyncio.Task[None] | None = None
-        self.summary = TrafficSummary(self.log)
+        self.summary = TrafficSummary(self.log, self.metrics)
         self.tunnels: TunnelEndpoint | None = None
         self.handler: ClientRequestHandler | None = None
         self.tokens: TokenAuthenticator | None = None
@@ -77,7 +85,8 @@ class GatewayInstance:
         ctx = client_context(identity, roots, cfg.enforce_tls12)
 
         site_crls = CRLStore((cfg.tls.connection_point_ca.with_name("site-ca.crl"),)) if auth.verify_revocation else None
-        self.tunnels = TunnelEndpoint(cfg, self.routes, tunnel_context(cfg.tls), self.log, site_crls)
+        self.tunnels = TunnelEndpoint(cfg, self.routes, tunnel_context(cfg.tls), self.log, site_crls,
+                                      on_connect=self._connection_point_connected)
         await self.tunnels.start()
 
         self.handler = ClientRequestHandler(cfg, self.routes, verifier, self.tokens, self.summary, self.log)
@@ -88,6 +97,9 @@ class GatewayInstance:
         loop = asyncio.get_running_loop()
         web_server = self._web
         self._server = await loop.create_server(lambda: self._client_protocol(ctx, web_server), sock=sock)
+        self.metrics.watch(self.routes, self.handler)
+        self.monitoring = MonitoringServer(self)
+        await self.monitoring.start()
         self._summary_task = asyncio.ensure_future(self._summaries())
         self.log.info(
             "CMG %s instance %s started: clients on %s:%d (TLS %s), tunnels on %s:%d; client "
@@ -97,6 +109,10 @@ class GatewayInstance:
             "on" if auth.verify_revocation else "off",
             auth.entra.tenant_id if auth.entra.enabled else "not enabled",
         )
+
+    def _connection_point_connected(self, link: ConnectorLink) -> None:
+        self.known_connection_points.add(link.name)
+        self.metrics.tunnel_connects.labels(str(self.config.instance), link.name).inc()
 
     def _client_protocol(self, ctx: SSL.Context, web_server: web.Server) -> asyncio.Protocol:
         """A new client connection, or a closed door once max_connections are open."""
@@ -140,6 +156,8 @@ class GatewayInstance:
             await self.tunnels.close()
         if self.tokens is not None:
             await self.tokens.close()
+        if self.monitoring is not None:
+            await self.monitoring.close()
         if self._summary_task is not None:
             self._summary_task.cancel()
         self.summary.flush()

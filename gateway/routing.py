@@ -25,6 +25,26 @@ class ConnectorLink:
     connected_at: float = field(default_factory=time.time)
     active_requests: int = 0
     total_requests: int = 0
+    failed_requests: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    # per role id: total_requests, failed_requests, request_bytes, response_bytes
+    traffic: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def account(self, role_id: int, ok: bool, request_bytes: int, response_bytes: int) -> None:
+        """One finished request through this tunnel (the console's traffic per role)."""
+        t = self.traffic.get(role_id)
+        if t is None:
+            t = self.traffic[role_id] = {"total_requests": 0, "failed_requests": 0,
+                                         "request_bytes": 0, "response_bytes": 0}
+        t["total_requests"] += 1
+        t["request_bytes"] += request_bytes
+        t["response_bytes"] += response_bytes
+        self.request_bytes += request_bytes
+        self.response_bytes += response_bytes
+        if not ok:
+            t["failed_requests"] += 1
+            self.failed_requests += 1
 
     @property
     def usable(self) -> bool:

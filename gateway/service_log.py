@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .metrics import GatewayMetrics
+
 
 @dataclass
 class _Totals:
@@ -28,11 +30,14 @@ class TrafficSummary:
 
     MAX_URIS = 10_000  # a client inventing URIs cannot grow this without bound
 
-    def __init__(self, log: logging.Logger) -> None:
+    def __init__(self, log: logging.Logger, metrics: GatewayMetrics | None = None) -> None:
         self._log = log
+        self._metrics = metrics
         self._totals: dict[str, _Totals] = {}
 
     def record(self, uri: str, request_bytes: int, response_bytes: int | None, elapsed_ms: float) -> None:
+        if self._metrics is not None:
+            self._metrics.observe(uri, request_bytes, response_bytes, elapsed_ms / 1000)
         uri = uri.partition("?")[0]
         t = self._totals.get(uri)
         if t is None:

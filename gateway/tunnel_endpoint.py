@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import ssl
+from typing import Callable
 from http import HTTPStatus
 
 from cryptography import x509
@@ -40,8 +41,10 @@ class TunnelEndpoint:
     """Accepts connection points' tunnels and keeps ``routes`` in step with them."""
 
     def __init__(self, config: GatewayConfig, routes: Routes, ssl_context: ssl.SSLContext,
-                 log: logging.Logger, crls: CRLStore | None = None) -> None:
+                 log: logging.Logger, crls: CRLStore | None = None,
+                 on_connect: Callable[[ConnectorLink], None] | None = None) -> None:
         self._crls = crls
+        self._on_connect = on_connect
         self._config = config
         self._routes = routes
         self._ssl = ssl_context
@@ -157,6 +160,8 @@ class TunnelEndpoint:
                 roles={r.role_id: r for r in hello.roles}, peer=peer,
             )
             self._routes.add(link)
+            if self._on_connect is not None:
+                self._on_connect(link)
             self._log.info(
                 "Connection point %s (site %s) connected from %s to %s; published roles: %s",
                 link.name, link.site_code, peer, self.instance_name,
