@@ -5,6 +5,7 @@
     cmg client        run one internet client through the CMG
     cmg token new     create a bulk registration token
     cmg analyze       the Connection Analyzer
+    cmg status        instances, connection points and traffic, as the console shows them
     cmg bench         the throughput benchmark
     cmg gateway | connector | site   run one component in the foreground
 """
@@ -155,6 +156,16 @@ def _analyze(args: argparse.Namespace) -> int:
     return analyze(path)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from .status import main as status
+
+    path = Path(args.deployment)
+    if not path.exists():
+        print(f"cmg status: {path} does not exist (start the stack with cmg up)", file=sys.stderr)
+        return 2
+    return status(path)
+
+
 def _component(module: str, rest: list[str]) -> int:
     import importlib
 
@@ -204,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     analyze = sub.add_parser("analyze", help="the Connection Analyzer: check a running deployment end to end")
     analyze.add_argument("--deployment", default="deployment.json", help="deployment.json written by cmg up")
     analyze.set_defaults(func=_analyze)
+
+    status = sub.add_parser("status", help="the CMG's state: instances, connection points, traffic")
+    status.add_argument("--deployment", default="deployment.json", help="deployment.json written by cmg up")
+    status.set_defaults(func=_status)
 
     token = sub.add_parser("token", help="site-issued tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
