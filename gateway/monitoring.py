@@ -44,13 +44,13 @@ def instance_status(g: "GatewayInstance") -> dict[str, Any]:
         p["draining"] = p["draining"] or link.session.peer_draining
         if link.session.rtt is not None:
             p["rtt_ms"] = round(link.session.rtt * 1000, 3)
-        p["roles"] = sorted(set(p["roles"]) | set(link.roles))
+        p["roles"] = sorted(set(p["roles"]) | {str(r) for r in link.roles})
         if link.usable:
             for role_id in link.roles:
                 served.setdefault(role_id, []).append(link.name)
     for name in g.known_connection_points - set(points):
         points[name] = {"name": name, "state": "Disconnected", "tunnels": 0, "roles": []}
-    missing = [r for r, by in served.items() if not by and any(x.role_id == r for x in cfg.roles)]
+    missing = [str(r) for r, by in served.items() if not by and any(x.role_id == r for x in cfg.roles)]
     if not g.routes.ever_connected:
         status = "Provisioning"
     elif missing:
@@ -67,12 +67,14 @@ def instance_status(g: "GatewayInstance") -> dict[str, Any]:
         "uptime_s": round(time.time() - g.started_at, 1),
         "requests_in_flight": g.handler.in_flight if g.handler else 0,
         "roles": [
-            {"role_id": r.role_id, "kind": r.kind, "name": r.name, "served_by": sorted(served.get(r.role_id, []))}
+            # Role ids are strings here: 2^56 + n is beyond a JavaScript number's exact range.
+            {"role_id": str(r.role_id), "kind": r.kind, "name": r.name,
+             "served_by": sorted(served.get(r.role_id, []))}
             for r in cfg.roles
         ],
         "connection_points": sorted(points.values(), key=lambda p: p["name"]),
         "traffic": [
-            {"connection_point": link.name, "role_id": role_id, **counts}
+            {"connection_point": link.name, "role_id": str(role_id), **counts}
             for link in links for role_id, counts in sorted(link.traffic.items())
         ],
         "missing_roles": missing,
@@ -165,7 +167,7 @@ def aggregate(service_name: str, site_code: str, instances: list[dict[str, Any]]
                                            "Disconnected") for i in instances}}
         for n in names
     ]
-    traffic: dict[tuple[str, int], dict[str, int]] = {}
+    traffic: dict[tuple[str, str], dict[str, int]] = {}
     for i in instances:
         for t in i.get("traffic", []):
             key = (t["connection_point"], t["role_id"])
