@@ -209,7 +209,7 @@ class ClientRequestHandler:
                         stream = None
                         continue
                     return self._failed(request, cp, start, _error_for(exc.code),
-                                        f"message {message_id} reset by {candidate.name}: {exc}")
+                                        f"message {message_id} reset by {candidate.name}: {exc}", candidate)
                 except TunnelClosedError:
                     if request.method in SAFE_METHODS:
                         self._log.info("Tunnel to %s closed before message %s was answered; trying the next",
@@ -217,7 +217,7 @@ class ClientRequestHandler:
                         stream = None
                         continue
                     return self._failed(request, cp, start, errors.BAD_GATEWAY,
-                                        f"tunnel to {candidate.name} closed during message {message_id}")
+                                        f"tunnel to {candidate.name} closed during message {message_id}", candidate)
                 link = candidate
                 return await self._relay(request, cp, link, stream, None, head, start, 0)
             link = candidate
@@ -227,7 +227,6 @@ class ClientRequestHandler:
                                 f"no connection point can take role {cp.role_id} now")
 
         link.active_requests += 1
-        link.total_requests += 1
         sent = [0]
         upload = asyncio.ensure_future(self._pump_request(request, stream, sent))
         try:
@@ -237,7 +236,8 @@ class ClientRequestHandler:
             link.active_requests -= 1
             code = exc.code if isinstance(exc, StreamResetError) else ErrorCode.INTERNAL_ERROR
             return self._failed(request, cp, start, _error_for(code),
-                                f"message {message_id} to {link.name} failed after {sent[0]} request bytes: {exc}")
+                                f"message {message_id} to {link.name} failed after {sent[0]} request bytes: {exc}",
+                                link, sent[0])
         except BaseException:
             upload.cancel()
             stream.reset(ErrorCode.CANCEL, "client went away")
@@ -254,6 +254,7 @@ class ClientRequestHandler:
             if k.lower() not in HOP_BY_HOP:
                 resp.headers.add(k.decode("latin-1"), v.decode("latin-1"))
         received = 0
+        complete = False
         try:
             await resp.prepare(request)
             while True:
@@ -263,6 +264,7 @@ class ClientRequestHandler:
                 received += len(chunk)
                 await resp.write(chunk)
             await resp.write_eof()
+            complete = True
         except (StreamResetError, TunnelClosedError) as exc:
             # The head is gone already: cut the client off so a truncated body is never
             # taken for a complete one.
@@ -276,7 +278,9 @@ class ClientRequestHandler:
             if upload is not None and not upload.done():
                 upload.cancel()
                 stream.reset(ErrorCode.CANCEL, "response complete before the request body")
-        nsent = sent[0] if isinstance(sent, list) else sent
+            nsent = sent[0] if isinstance(sent, list) else sent
+            assert cp.role_id is not None
+            link.account(cp.role_id, complete and head.status < 500, nsent, received)  # type: ignore[attr-defined]
         self._summary.record(request.path, nsent, received, (time.monotonic() - start) * 1000)
         return resp
 
@@ -318,11 +322,14 @@ class ClientRequestHandler:
     def _refuse(self, request: web.BaseRequest, error: errors.CMGError, why: str) -> web.Response:
         self._log.warning("%s %s refused with %d %s: %s (client %s)", request.method,
                           request.raw_path[:300], error.status, error.name, why, request.remote)
+        self._summary.refused(error.name)
         return error.response()
 
-    def _failed(self, request: web.BaseRequest, cp: ClientPath, start: float,
-                error: errors.CMGError, why: str) -> web.Response:
-        self._summary.record(request.path, 0, None, (time.monotonic() - start) * 1000)
+    def _failed(self, request: web.BaseRequest, cp: ClientPath, start: float, error: errors.CMGError,
+                why: str, link: ConnectorLink | None = None, sent: int = 0) -> web.Response:
+        if link is not None and cp.role_id is not None:
+            link.account(cp.role_id, False, sent, 0)
+        self._summary.record(request.path, sent, None, (time.monotonic() - start) * 1000)
         return self._refuse(request, error, why)
 
     @staticmethod

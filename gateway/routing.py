@@ -38,6 +38,7 @@ class ConnectorLink:
             t = self.traffic[role_id] = {"total_requests": 0, "failed_requests": 0,
                                          "request_bytes": 0, "response_bytes": 0}
         t["total_requests"] += 1
+        self.total_requests += 1
         t["request_bytes"] += request_bytes
         t["response_bytes"] += response_bytes
         self.request_bytes += request_bytes

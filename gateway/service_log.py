@@ -53,6 +53,11 @@ class TrafficSummary:
             t.response_bytes += response_bytes
         t.elapsed_ms += elapsed_ms
 
+    def refused(self, error: str) -> None:
+        """An answer with a CMG error (the metrics count them by name)."""
+        if self._metrics is not None:
+            self._metrics.error(error)
+
     def flush(self) -> None:
         totals, self._totals = self._totals, {}
         for uri, t in sorted(totals.items()):

@@ -124,6 +124,10 @@ async def test_status_page_in_a_browser_and_in_the_terminal(pair):
     assert r.returncode == 0, r.stdout
     assert "Cloud Management Gateway GraniteFalls.WestUS.CloudApp.Azure.Com (site PS1): Ready" in r.stdout
     assert r.stdout.count("Connected") == 4
+    mp = pair.role("MP")["role_id"]
+    served = [line.split() for line in r.stdout.splitlines() if f"MP {mp}" in line]
+    assert served and sum(int(cols[3]) for cols in served) >= 5  # TotalRequests per connection point
+    assert f"MP {mp}" in dom.replace("</td><td>", " ").replace("<td>", "")
 
 
 def test_role_ids_survive_javascript(pair):
