@@ -10,6 +10,8 @@ import time
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -177,3 +179,29 @@ async def test_a_ping_flood_costs_the_flooder_its_tunnel(single):
     assert code == 1002
     assert "ping flood" in (single.path("logs_dir") / "CMGService.log").read_text()
     await still_serving(single)
+
+
+_token = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ_abc-!#$%&'*+.^`|~0123456789", min_size=0, max_size=12)
+_junk = st.binary(max_size=40)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(method=st.one_of(_token, _junk.map(lambda b: b.decode("latin-1"))),
+       target=st.one_of(st.sampled_from(["/CCM_Proxy_MutualAuth/72057594037927939/SMS_MP/.sms_aut?MPLIST",
+                                         "/CCM_Proxy_MutualAuth/72057594037927939/%2e%2e/x", "*", "", "/"]),
+                        _junk.map(lambda b: b.decode("latin-1"))),
+       version=st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/9", "", "http/1.1"]),
+       headers=st.lists(st.tuples(_token, _junk.map(lambda b: b.decode("latin-1"))), max_size=4))
+def test_fuzzed_request_heads_get_an_answer_or_a_close_and_the_gateway_lives(single, method, target, version, headers):
+    head = f"{method} {target} {version}\r\nHost: {single.service_name}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    answer = raw_exchange(single, head.encode("latin-1"), wait=5)
+    if answer:
+        line = status_line(answer)
+        assert line.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")), answer[:200]
+        code = int(line.split()[1])
+        assert 200 <= code < 600
+        if code >= 400 and code not in (405, 416):
+            reason = line.split(b" ", 2)[2] if line.count(b" ") >= 2 else b""
+            assert reason.startswith(b"CMG") or code in (400, 404, 501), line  # the CMG's own words, or the MP's
+    assert single.stack.process("gateway-0").alive()
