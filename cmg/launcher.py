@@ -6,19 +6,31 @@ connection points, each a separate process (``python -m ...``), then
 ``DIR/deployment.json`` once every connection point is connected to every instance.
 A component that dies is restarted with backoff; ``stop()`` drains connection points
 first, then instances, then the site.
+
+Fault injection (for tests, see ``cmg.testing``): :meth:`Stack.kill` (SIGKILL, the
+supervisor restarts it), :meth:`Stack.stop_process` / :meth:`Stack.start_process` (down
+until started again), :meth:`Stack.restart`, :meth:`Stack.pause` / :meth:`Stack.resume`
+(SIGSTOP / SIGCONT), and :meth:`Stack.wait_healthy` (every process up, every connection
+point connected to every instance, as each instance's ``/CMGStatus`` says).
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import os
 import queue
 import signal
 import socket
+import shutil
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +57,8 @@ class Process:
     ready: dict[str, Any] = field(default_factory=dict)
     stderr_path: Path | None = None
     started_at: float = 0.0
+    held: bool = False  # stopped on purpose (stop_process): the supervisor leaves it down
+    paused: bool = False  # SIGSTOPped (pause)
 
     @property
     def pid(self) -> int:
@@ -54,10 +68,17 @@ class Process:
         return self.proc is not None and self.proc.poll() is None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", avoid: "set[int] | None" = None) -> int:
+    """A port free now on ``host`` (and not in ``avoid``, ports already chosen)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if not avoid or port not in avoid:
+            if avoid is not None:
+                avoid.add(port)
+            return port
+    raise LaunchError(f"found no free port on {host}")
 
 
 def free_port_run(count: int, host: str = "127.0.0.1") -> int:
@@ -98,7 +119,9 @@ class Stack:
                  connect_timeout: float = 60.0, supervise: bool = True,
                  overrides: dict[str, dict[str, Any]] | None = None,
                  echo: bool = False,
-                 command_prefix: dict[str, list[str]] | None = None) -> None:
+                 command_prefix: dict[str, list[str]] | None = None,
+                 extra_roles: list[dict[str, Any]] | None = None,
+                 certificate_cache: Path | str | None = None) -> None:
         self.dir = Path(directory).resolve()
         self.config_file = Path(config_file).resolve() if config_file else None
         if self.config_file is None and (self.dir / "deployment.toml").exists():
@@ -114,12 +137,23 @@ class Stack:
         # Per component kind (site, gateway, connector): words put before the command,
         # e.g. ["ip", "netns", "exec", "cloud"] to run every gateway in a namespace.
         self.command_prefix = command_prefix or {}
+        # Roles published besides the site's own (MP, SUP, DP): ``[[site.roles]]`` tables,
+        # e.g. a user's service {"role_id": ..., "kind": "AdminService", "internal_url": ...}.
+        self.extra_roles = [dict(r) for r in extra_roles or []]
+        # Where generated certificate sets are kept and copied from, so that stacks of
+        # the same names do not each generate theirs (tests): one set per service name,
+        # site code and connection points.
+        self.certificate_cache = Path(certificate_cache) if certificate_cache else None
         self.processes: list[Process] = []
         self.notes: list[str] = []
         self.deployment: dict[str, Any] = {}
         self.resolved_path = self.dir / "run" / "deployment.resolved.json"
         self._stopping = False
+        self._stop_event = threading.Event()
+        self._lock = threading.RLock()  # spawning vs stopping
         self._supervisor: threading.Thread | None = None
+        self._site_ports: dict[str, int] = {}
+        self._config: cfg.Deployment | None = None
 
     # --- configuration ---
 
@@ -139,12 +173,21 @@ class Stack:
         first = cfg.from_dict(raw, self.config_file.parent if self.config_file else self.dir)
         bind = first.bind
         if self.ephemeral or self.port == 0:
-            service["client_port"] = free_port(bind)
+            taken: set[int] = set()
+            service["client_port"] = free_port(bind, taken)
             service["tunnel_base_port"] = free_port_run(first.instances, bind)
             service["monitoring_base_port"] = free_port_run(first.instances, first.monitoring_bind)
+            taken |= set(range(service["tunnel_base_port"], service["tunnel_base_port"] + first.instances))
+            taken |= set(range(service["monitoring_base_port"], service["monitoring_base_port"] + first.instances))
+            cp_raw = raw.setdefault("connection_point", {})
+            cp_raw["monitoring_base_port"] = free_port_run(len(first.connection_point_names), first.monitoring_bind)
+            taken |= set(range(cp_raw["monitoring_base_port"],
+                               cp_raw["monitoring_base_port"] + len(first.connection_point_names)))
             site = raw.setdefault("site", {})
+            # Chosen now rather than 0 (the site's pick) so that every process can be
+            # started at once, all reading one configuration.
             for key in ("mp_port", "sup_port", "dp_port", "entra_port"):
-                site[key] = 0
+                site[key] = free_port(first.site_bind, taken)
         elif self.port is not None:
             service["client_port"] = self.port
         port = service.get("client_port", first.client_port)
@@ -159,6 +202,11 @@ class Stack:
         logging_["dir"] = str((base / logging_.get("dir", "logs")).resolve())
         site = raw.setdefault("site", {})
         site["data_dir"] = str((base / site.get("data_dir", "data")).resolve())
+        if self.extra_roles:
+            if "roles" not in site:
+                mid = cfg.from_dict(raw, base)
+                site["roles"] = [_role_table(r) for r in mid.roles]
+            site["roles"] = list(site["roles"]) + [dict(r) for r in self.extra_roles]
         deployment = cfg.from_dict(raw, base)
         return raw, deployment
 
@@ -172,6 +220,8 @@ class Stack:
     # --- processes ---
 
     def _spawn(self, p: Process) -> None:
+        if p.proc is not None and p.proc.stdout is not None and not p.alive():
+            p.proc.stdout.close()  # the previous run's pipe (its pump has seen EOF)
         logs = self.dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         p.stderr_path = logs / f"{p.name}.stderr.log"
@@ -219,41 +269,66 @@ class Stack:
     # --- lifecycle ---
 
     def start(self) -> "Stack":
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        attempts = 3 if (self.ephemeral or self.port == 0) else 1
+        for attempt in range(attempts):
+            try:
+                self._start()
+                return self
+            except LaunchError as exc:
+                self.stop()
+                if attempt + 1 < attempts and "in use" in str(exc).lower():
+                    # Another process took a port between choosing and binding: again.
+                    self._reset()
+                    continue
+                raise
+            except BaseException:
+                self.stop()
+                raise
         return self
+
+    def _reset(self) -> None:
+        self.processes = []
+        self.deployment = {}
+        self._stopping = False
+        self._stop_event = threading.Event()
 
     def _start(self) -> None:
         raw, deployment = self._resolve()
         certs_dir = deployment.certs_dir
         names = deployment.connection_point_names
         if not pki.certificates_present(certs_dir, deployment.service_name, names):
-            made = pki.init_certificates(certs_dir, service_name=deployment.service_name,
-                                         site_code=deployment.site_code, connection_points=names)
-            self.notes.append(f"certificates generated in {certs_dir} ({len(made.created)} files)")
+            if self.certificate_cache is not None:
+                cached = _cached_certificates(self.certificate_cache, deployment)
+                shutil.copytree(cached, certs_dir, dirs_exist_ok=True)
+                self.notes.append(f"certificates copied from {cached}")
+            else:
+                made = pki.init_certificates(certs_dir, service_name=deployment.service_name,
+                                             site_code=deployment.site_code, connection_points=names)
+                self.notes.append(f"certificates generated in {certs_dir} ({len(made.created)} files)")
         deployment = self._write_resolved(raw)
 
         site = Process("mock_site", "site", self._argv("site", "mock_site"))
         self.processes.append(site)
         self._spawn(site)
+        # Every port is known now (unless the file asks the site for port 0): the
+        # instances start beside the site rather than after it.
+        early = not self._site_port_zero(raw)
+        if early:
+            self._spawn_gateways(deployment)
         site.ready = self._wait_line(site, "READY", 30)
         ports = site.ready.get("ports", {})
-        if deployment.mp_port == 0 or "roles" not in raw.get("site", {}):
+        self._site_ports = {k: int(v) for k, v in ports.items()}
+        if not early:
             # Point the roles at the ports the site really took.
             site_raw = raw.setdefault("site", {})
             for key, kind in (("mp_port", "mp"), ("sup_port", "sup"), ("dp_port", "dp"), ("entra_port", "entra")):
                 if kind in ports:
                     site_raw[key] = int(ports[kind])
+            if "roles" in site_raw:
+                site_raw["roles"] = [self._bound_role(r) for r in site_raw["roles"]]
             deployment = self._write_resolved(raw)
             # The site was started with port 0: it keeps the ports it took.
-
-        for i in range(deployment.instances):
-            g = Process(f"gateway-{i}", "gateway", self._argv("gateway", "gateway", "--instance", str(i)))
-            self.processes.append(g)
-            self._spawn(g)
+            self._spawn_gateways(deployment)
         for g in self.processes:
             if g.kind == "gateway":
                 g.ready = self._wait_line(g, "READY", 30)
@@ -269,6 +344,7 @@ class Stack:
                 while len(seen) < deployment.instances:
                     seen.add(int(self._wait_line(c, "CONNECTED", self.connect_timeout)["instance"]))
 
+        self._config = deployment
         self.deployment = self._describe(deployment)
         out = self.dir / "deployment.json"
         tmp = out.with_suffix(".json.tmp")
@@ -277,6 +353,30 @@ class Stack:
         if self.supervise:
             self._supervisor = threading.Thread(target=self._supervise, daemon=True)
             self._supervisor.start()
+
+    def _spawn_gateways(self, deployment: cfg.Deployment) -> None:
+        for i in range(deployment.instances):
+            g = Process(f"gateway-{i}", "gateway", self._argv("gateway", "gateway", "--instance", str(i)))
+            self.processes.append(g)
+            self._spawn(g)
+
+    @staticmethod
+    def _site_port_zero(raw: dict[str, Any]) -> bool:
+        site = raw.get("site", {})
+        if any(site.get(k, 1) == 0 for k in ("mp_port", "sup_port", "dp_port", "entra_port")):
+            return True
+        return any(urlsplit(str(r.get("internal_url", ""))).port == 0 for r in site.get("roles", []))
+
+    def _bound_role(self, role: dict[str, Any]) -> dict[str, Any]:
+        """A ``[[site.roles]]`` table whose internal URL names port 0: the port the site
+        took for that kind of role."""
+        parts = urlsplit(str(role.get("internal_url", "")))
+        kind = {"MP": "mp", "SUP": "sup", "DP": "dp"}.get(str(role.get("kind", "")))
+        if parts.port != 0 or kind not in self._site_ports:
+            return role
+        host = parts.hostname or "127.0.0.1"
+        return {**role, "internal_url": urlunsplit((parts.scheme, f"{host}:{self._site_ports[kind]}",
+                                                    parts.path, parts.query, ""))}
 
     def _describe(self, d: cfg.Deployment) -> dict[str, Any]:
         tls = d.tls_files()
@@ -328,29 +428,35 @@ class Stack:
             "processes": [{"name": p.name, "kind": p.kind, "pid": p.pid} for p in self.processes],
             "status_url": f"http://{mon_host}:{d.monitoring_base_port}/status",
             "ready_url": f"http://{mon_host}:{d.monitoring_base_port}/readyz",
-            "metrics_urls": {f"gateway-{i}": f"http://{mon_host}:{d.monitoring_base_port + i}/metrics"
-                             for i in range(d.instances)},
+            "metrics_urls": {
+                **{f"gateway-{i}": f"http://{mon_host}:{d.monitoring_base_port + i}/metrics"
+                   for i in range(d.instances)},
+                **{f"connector-{n}": f"http://{mon_host}:{d.connection_point(n).monitoring_port}/metrics"
+                   for n in d.connection_point_names},
+            },
         }
 
     def _supervise(self) -> None:
         delays: dict[str, float] = {}
-        while not self._stopping:
-            time.sleep(0.5)
+        while not self._stop_event.wait(0.25):
             for p in list(self.processes):
-                if self._stopping or p.alive():
-                    continue
+                with self._lock:
+                    if self._stopping or p.held or p.alive():
+                        continue
                 code = p.proc.returncode if p.proc else None
                 if time.monotonic() - p.started_at > 60:
                     delays.pop(p.name, None)  # it ran well for a while: start the backoff over
                 delay = min(delays.get(p.name, 0.5) * 2, 30.0)
                 delays[p.name] = delay
                 sys.stderr.write(f"cmg: {p.name} exited with code {code}; restarting in {delay:.1f} s\n")
-                time.sleep(delay)
-                if self._stopping:
+                if self._stop_event.wait(delay):
                     return
-                p.restarts += 1
-                self._spawn(p)
-                self._refresh_pids()
+                with self._lock:
+                    if self._stopping or p.held or p.alive():
+                        continue
+                    p.restarts += 1
+                    self._spawn(p)
+                    self._refresh_pids()
 
     def _refresh_pids(self) -> None:
         if not self.deployment:
@@ -377,14 +483,163 @@ class Stack:
         return p
 
     def process(self, name: str) -> Process:
+        """A component by name: ``mock_site``, ``gateway-<i>``, ``connector-<name>``
+        (a connection point's bare name, e.g. ``CMGCP01``, works too)."""
         for p in self.processes:
-            if p.name == name:
+            if p.name == name or (p.kind == "connector" and p.name == f"connector-{name}"):
                 return p
-        raise KeyError(name)
+        raise KeyError(f"{name} (processes: {', '.join(p.name for p in self.processes)})")
+
+    # --- fault injection ---
+
+    def signal(self, name: str, sig: int) -> int:
+        """Send ``sig`` to a component; its pid."""
+        p = self.process(name)
+        if not p.alive():
+            raise LaunchError(f"{p.name} is not running")
+        os.kill(p.pid, sig)
+        return p.pid
+
+    def kill(self, name: str) -> int:
+        """SIGKILL a component (a crash); the supervisor restarts it after its backoff
+        (see :meth:`wait_restarted`). Returns the killed pid."""
+        p = self.process(name)
+        if p.paused:
+            self.resume(p.name)
+        pid = self.signal(p.name, signal.SIGKILL)
+        try:
+            p.proc.wait(10)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            pass
+        return pid
+
+    def wait_restarted(self, name: str, old_pid: int, timeout: float = 60.0) -> Process:
+        """Wait until the supervisor has replaced ``old_pid`` and the stack is whole again."""
+        p = self.process(name)
+        deadline = time.monotonic() + timeout
+        while p.pid == old_pid or not p.alive():
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{p.name} was not restarted within {timeout:.0f} s")
+            time.sleep(0.05)
+        self.wait_healthy(max(1.0, deadline - time.monotonic()))
+        return p
+
+    def stop_process(self, name: str, timeout: float = 30.0, *, kill: bool = False) -> None:
+        """Stop a component (SIGTERM: it drains; SIGKILL with ``kill=True``) and keep it
+        down (the supervisor does not restart it) until :meth:`start_process`."""
+        p = self.process(name)
+        with self._lock:
+            p.held = True
+        if not p.alive():
+            return
+        if p.paused:
+            self.resume(p.name)
+        p.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)  # type: ignore[union-attr]
+        try:
+            p.proc.wait(timeout)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            p.proc.kill()  # type: ignore[union-attr]
+            p.proc.wait()  # type: ignore[union-attr]
+
+    def start_process(self, name: str, *, wait: bool = True, timeout: float = 60.0) -> Process:
+        """Start a component stopped with :meth:`stop_process` again; with ``wait``, until
+        it is ready and the stack is whole (:meth:`wait_healthy`)."""
+        p = self.process(name)
+        with self._lock:
+            if self._stopping:
+                raise LaunchError("the stack is stopping")
+            if p.alive():
+                p.held = False
+                return p
+            p.restarts += 1
+            self._spawn(p)
+            p.held = False
+            self._refresh_pids()
+        p.ready = self._wait_line(p, "READY", timeout)
+        if wait:
+            self.wait_healthy(timeout)
+        return p
+
+    def restart(self, name: str, timeout: float = 60.0) -> Process:
+        """Stop a component gracefully and start it again; returns when the stack is whole."""
+        self.stop_process(name, timeout)
+        return self.start_process(name, timeout=timeout)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP a component: it holds its sockets but answers nothing (a hung process)."""
+        p = self.process(name)
+        self.signal(p.name, signal.SIGSTOP)
+        p.paused = True
+
+    def resume(self, name: str) -> None:
+        """SIGCONT a paused component."""
+        p = self.process(name)
+        if p.alive():
+            os.kill(p.pid, signal.SIGCONT)
+        p.paused = False
+
+    def connection_status(self, timeout: float = 2.0) -> dict[int, set[str] | None]:
+        """Instance -> the connection points its ``/CMGStatus`` lists as connected (and
+        not draining); ``None`` for an instance that does not answer."""
+        d = self._config
+        if d is None:
+            raise LaunchError("the stack is not started")
+        out: dict[int, set[str] | None] = {}
+        host = d.bind if d.bind not in ("0.0.0.0", "::") else "127.0.0.1"
+        ctx = ssl.create_default_context(cafile=str(d.tls_files().ca_bundle))
+        for name in d.connection_point_names:
+            cert = d.certs_dir / f"connection-point-{name}.pem"
+            key = d.certs_dir / f"connection-point-{name}.key"
+            if cert.exists() and key.exists():
+                ctx.load_cert_chain(str(cert), str(key))
+                break
+        for i in range(d.instances):
+            try:
+                status = _get_json(ctx, host, d.tunnel_port(i), d.service_name, "/CMGStatus", timeout)
+                out[i] = {c["name"] for c in status.get("connection_points", []) if not c.get("draining")}
+            except (OSError, ValueError, ssl.SSLError, http.client.HTTPException):
+                out[i] = None
+        return out
+
+    def healthy(self) -> bool:
+        """Every component not held down is running and not paused, and every such
+        connection point is connected to every such instance."""
+        if self._config is None:
+            return False
+        up = [p for p in self.processes if not p.held]
+        if any(not p.alive() or p.paused for p in up):
+            return False
+        want = {p.name[len("connector-"):] for p in up if p.kind == "connector"}
+        instances = {int(p.name.rsplit("-", 1)[1]) for p in up if p.kind == "gateway"}
+        status = self.connection_status()
+        return all(status.get(i) is not None and want <= status[i] for i in instances)  # type: ignore[operator]
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Wait until :meth:`healthy`; raises :class:`LaunchError` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the stack was not whole again within {timeout:.0f} s: "
+                                  f"{self.connection_status()}; "
+                                  + ", ".join(f"{p.name} {'up' if p.alive() else 'down'}" for p in self.processes))
+            time.sleep(0.1)
+
+    # --- stop ---
 
     def stop(self, timeout: float = 30.0) -> None:
         """Drain and stop: connection points, then instances, then the site."""
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
+            self._stop_event.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(5)
+        for p in self.processes:
+            if p.paused and p.alive():
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+                p.paused = False
         for kind in ("connector", "gateway", "site"):
             group = [p for p in self.processes if p.kind == kind and p.alive()]
             for p in group:
@@ -400,6 +655,11 @@ class Stack:
                     p.proc.kill()  # type: ignore[union-attr]
                     p.proc.wait()  # type: ignore[union-attr]
         for p in self.processes:
+            if p.proc is not None:
+                try:  # anything the component left in its own session
+                    os.killpg(p.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             if p.proc and p.proc.stdout:
                 p.proc.stdout.close()
 
@@ -408,6 +668,46 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached_certificates(cache: Path, d: cfg.Deployment) -> Path:
+    """A generated certificate set for ``d``'s names in ``cache`` (made once)."""
+    names = list(d.connection_point_names)
+    key = hashlib.sha256(json.dumps([d.service_name, d.site_code, names]).encode()).hexdigest()[:16]
+    target = cache / key
+    with _CACHE_LOCK:
+        if not pki.certificates_present(target, d.service_name, names):
+            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_mkdir(cache)))
+            pki.init_certificates(tmp, service_name=d.service_name, site_code=d.site_code, connection_points=names)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.replace(target)
+    return target
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _role_table(r: cfg.RoleConfig) -> dict[str, Any]:
+    return {"role_id": r.role_id, "kind": r.kind, "name": r.name, "internal_url": r.internal_url,
+            "endpoints": list(r.endpoints)}
+
+
+def _get_json(ctx: ssl.SSLContext, host: str, port: int, server_name: str, path: str,
+              timeout: float) -> dict[str, Any]:
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+            resp = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+            resp.begin()
+            body = resp.read()
+            if resp.status != 200:
+                raise ValueError(f"{path}: {resp.status}")
+            return dict(json.loads(body))
 
 
 def _pump_lines(proc: subprocess.Popen[str], lines: "queue.Queue[str]") -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import hashlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,17 +26,99 @@ SITE_BUILD = "9128"
 CLIENT_IDENTITY_HEADERS = ("X-CMG-Client-Certificate-Thumbprint", "X-CMG-Client-Certificate-Subject")
 
 
+class BodyTap:
+    """Counts and hashes a request body as the server receives it.
+
+    Installed in place of an aiohttp ``StreamReader``'s buffer (``_buffer``): every
+    chunk the HTTP parser feeds passes through :meth:`append`, whatever the handler then
+    reads, so the size and SHA-256 are those of the body as it arrived (after chunked
+    decoding), even when the handler reads only part of it.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._sha = hashlib.sha256()
+        self.complete = False
+        self.stream: Any = None
+
+    @property
+    def at_eof(self) -> bool:
+        """The whole body has arrived (or there was none)."""
+        if self.complete or self.stream is None:
+            return True
+        return bool(self.stream.is_eof())
+
+    def update(self, data: bytes) -> None:
+        self.size += len(data)
+        self._sha.update(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+
+class _TapDeque(deque):  # type: ignore[type-arg]
+    def __init__(self, items: Any, tap: BodyTap) -> None:
+        super().__init__(items)
+        self.tap = tap
+
+    def append(self, data: Any) -> None:  # feed_data
+        self.tap.update(data)
+        super().append(data)
+
+
+def tap_body(request: Any) -> BodyTap:
+    """A :class:`BodyTap` on ``request``'s body (bytes already buffered included)."""
+    tap = BodyTap()
+    stream = request.content
+    buffer = getattr(stream, "_buffer", None)
+    if isinstance(buffer, deque) and not getattr(stream, "_buffer_offset", 0):
+        for chunk in buffer:
+            tap.update(chunk)
+        try:
+            stream._buffer = _TapDeque(buffer, tap)
+            tap.stream = stream
+        except AttributeError:  # not the StreamReader this was written against
+            tap.complete = True
+    else:
+        tap.complete = True  # no body (EmptyStreamReader)
+    return tap
+
+
 class RequestLog:
-    """The last requests the roles received (for ``/_mock/requests``)."""
+    """The last requests the roles received (for ``/_mock/requests``).
+
+    Each entry gets ``seq`` (1, 2, ...: a test can ask for what came after a point).
+    An entry's ``body`` may be a :class:`BodyTap`: it is read out (``body_size``,
+    ``body_sha256``, ``body_complete``) when the entries are asked for, so a body the
+    server kept reading after the handler answered is counted whole.
+    """
 
     def __init__(self, size: int = 2000) -> None:
         self._entries: deque[dict[str, Any]] = deque(maxlen=size)
+        self._seq = 0
 
     def record(self, entry: dict[str, Any]) -> None:
+        self._seq += 1
+        entry.setdefault("seq", self._seq)
         self._entries.append(entry)
 
-    def entries(self) -> list[dict[str, Any]]:
-        return list(self._entries)
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def entries(self, since: int = 0) -> list[dict[str, Any]]:
+        out = []
+        for e in self._entries:
+            if e.get("seq", 0) <= since:
+                continue
+            tap = e.get("body")
+            if isinstance(tap, BodyTap):
+                e = {k: v for k, v in e.items() if k != "body"}
+                e["body_size"], e["body_sha256"] = tap.size, tap.sha256
+                e["body_complete"] = tap.at_eof
+            out.append(e)
+        return out
 
 
 def client_identity(headers: Any) -> dict[str, str]:
@@ -52,6 +136,9 @@ class SiteContext:
     requests: RequestLog = field(default_factory=RequestLog)
     started: float = field(default_factory=time.time)
     entra: "EntraTenant | None" = None  # the mock Entra ID tenant (same process), when enabled
+    # Stalled roles ("mp", "sup", "dp"): their requests wait until the event is set
+    # (POST /_mock/stall; fault injection for tests).
+    stalls: dict[str, asyncio.Event] = field(default_factory=dict)
     policies: PolicyCatalog = field(init=False)
     _signer: TokenSigner | None = field(default=None, init=False, repr=False)
 
