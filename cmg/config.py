@@ -180,6 +180,9 @@ class ConnectionPointConfig:
     pool_size: int
     drain_timeout: float
     request_timeout: float  # a site role silent this long: 504 to the client
+    monitoring_bind: str
+    monitoring_port: int  # /metrics, /healthz, /readyz of this connection point
+    traffic_report_interval: float  # ProxyTrafficStateDetails in the log, every this many seconds
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "pool_size": int,
         "drain_timeout": (int, float),
         "request_timeout": (int, float),
+        "monitoring_base_port": int,
+        "traffic_report_interval": (int, float),
     },
     "tunnel": {f.name: (int, float) if f.type == "float" else int
                for f in dataclasses.fields(TunnelLimits)},
@@ -369,6 +374,8 @@ class Deployment:
     pool_size: int = 1024
     cp_drain_timeout: float = 30.0
     request_timeout: float = 600.0
+    cp_monitoring_base_port: int = 9224
+    traffic_report_interval: float = 300.0
     limits: TunnelLimits = TunnelLimits()
     logs_dir: str = "logs"
     log_format: str = "cmtrace"
@@ -495,6 +502,9 @@ class Deployment:
             pool_size=self.pool_size,
             drain_timeout=self.cp_drain_timeout,
             request_timeout=self.request_timeout,
+            monitoring_bind=self.monitoring_bind,
+            monitoring_port=self.cp_monitoring_base_port + self.connection_point_names.index(name),
+            traffic_report_interval=self.traffic_report_interval,
         )
 
     @property
@@ -689,11 +699,14 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
             raise ConfigError("'connection_point.names' lists a name twice")
         kw["connection_point_names"] = tuple(names)
     for key, attr in (("reconnect_min", "reconnect_min"), ("reconnect_max", "reconnect_max"),
-                      ("drain_timeout", "cp_drain_timeout"), ("request_timeout", "request_timeout")):
+                      ("drain_timeout", "cp_drain_timeout"), ("request_timeout", "request_timeout"),
+                      ("traffic_report_interval", "traffic_report_interval")):
         if key in cp:
             kw[attr] = float(_positive(f"connection_point.{key}", cp[key]))
     if kw.get("reconnect_min", 0.5) > kw.get("reconnect_max", 30.0):
         raise ConfigError("'connection_point.reconnect_min' is greater than 'connection_point.reconnect_max'")
+    if "monitoring_base_port" in cp:
+        kw["cp_monitoring_base_port"] = _port("connection_point.monitoring_base_port", cp["monitoring_base_port"])
     if "pool_size" in cp:
         kw["pool_size"] = int(_positive("connection_point.pool_size", cp["pool_size"]))
 

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         return ConnectionPoint(deployment.connection_point(name), echo=args.echo, status=status_line)
 
     def ready(cp: ConnectionPoint) -> dict[str, object]:
-        return {"kind": "connector", "name": cp.config.name, "instances": len(cp.config.tunnel_ports)}
+        return {"kind": "connector", "name": cp.config.name, "instances": len(cp.config.tunnel_ports),
+                "monitoring_port": cp.monitoring_port}
 
     return run_component(make, ready, (OSError,))
 

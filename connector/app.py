@@ -12,6 +12,8 @@ import asyncio
 import ssl
 from typing import Callable
 
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
@@ -29,6 +31,7 @@ from tunnel import (
 
 from .backoff import backoff
 from .forwarder import Forwarder
+from .traffic import ConnectorTraffic
 from .url_map import UrlMap
 
 
@@ -39,6 +42,9 @@ class ConnectionPoint:
         self._status = status
         self.log = open_log(f"connector.{config.name}", config.logs_dir / f"SMS_Cloud_ProxyConnector_{config.name}.log",
                             "SMS_Cloud_ProxyConnector", config.log_format, echo=echo)
+        self.traffic = ConnectorTraffic(config.name)
+        self._monitoring: web.AppRunner | None = None
+        self.monitoring_port = 0
         self.forwarder = Forwarder(UrlMap(config.service_name, config.roles), self.log, config.pool_size,
                                    config.request_timeout)
         self.sessions: dict[int, TunnelSession] = {}
@@ -56,7 +62,40 @@ class ConnectionPoint:
         ctx.load_cert_chain(str(self.config.certificate), str(self.config.key))
         return ctx
 
+    async def _start_monitoring(self) -> None:
+        """/metrics, /healthz and /readyz (connected to every instance) on a loopback port."""
+        self.traffic.watch(lambda: [(i, s.rtt) for i, s in sorted(self.sessions.items()) if not s.closed])
+
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.traffic.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok", "connection_point": self.config.name})
+
+        async def readyz(request: web.Request) -> web.Response:
+            up = sorted(i for i, s in self.sessions.items() if not s.closed)
+            ready = len(up) == len(self.config.tunnel_ports)
+            return web.json_response({"ready": ready, "connected_instances": up}, status=200 if ready else 503)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        self._monitoring = web.AppRunner(app, access_log=None)
+        await self._monitoring.setup()
+        site = web.TCPSite(self._monitoring, self.config.monitoring_bind, self.config.monitoring_port,
+                           reuse_address=True)
+        await site.start()
+        self.monitoring_port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def _traffic_reports(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.traffic_report_interval)
+            self.traffic.report(self.log)
+
     async def start(self) -> None:
+        await self._start_monitoring()
+        self._tasks.append(asyncio.ensure_future(self._traffic_reports()))
         ctx = self._ssl_context()
         await self.forwarder.start()
         self.log.info("Connection point %s (site %s) starting; publishing %s", self.config.name,
@@ -121,6 +160,7 @@ class ConnectionPoint:
         self.connected[instance].set()
         if self._status is not None:
             self._status("CONNECTED", {"instance": instance})
+        self.traffic.reconnects.labels(self.config.name, str(instance)).inc()
         self.log.info("Connected to CMG instance %s at %s (TLS tunnel, %s)",
                       welcome.instance if welcome else instance, url, SUBPROTOCOL)
         try:
@@ -156,5 +196,8 @@ class ConnectionPoint:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.forwarder.close()
+        self.traffic.report(self.log)
+        if self._monitoring is not None:
+            await self._monitoring.cleanup()
         self.log.info("Connection point %s stopped", self.config.name)
 
