@@ -32,9 +32,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import json
-import os
 import shutil
-import signal
 import tempfile
 import threading
 import urllib.request
@@ -42,7 +40,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Mapping, TypeVar
 
 from multidict import CIMultiDict
 from yarl import URL

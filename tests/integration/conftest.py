@@ -1,4 +1,8 @@
-"""Whole-stack fixtures: real processes on loopback, started by the one launcher."""
+"""Whole-stack fixtures: real processes on loopback, started through ``cmg.testing``
+(the same API and launcher users get; no second way to start a stack here).
+
+``single`` and ``pair`` are shared by a module's tests; ``stack_factory`` gives a test
+stacks of its own; the ``cmg_stack`` fixture (cmg/pytest_plugin.py) is available too."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import pytest
 import yarl
 
 from cmg.launcher import Stack, free_port
+from cmg.testing import CMGStack
 
 
 @dataclass
@@ -26,7 +31,8 @@ class Deployment:
 
     dir: Path
     data: dict[str, Any]
-    stack: Stack
+    stack: Stack  # the launcher (processes, wait_connected...)
+    cmg: CMGStack  # the test API (clients, site_requests, faults)
 
     def path(self, key: str) -> Path:
         p = Path(self.data[key])
@@ -73,11 +79,11 @@ class Deployment:
                                      server_hostname=self.service_name, headers=headers, **kw)
 
 
-def start_stack(tmp_path_factory: pytest.TempPathFactory, name: str, **kw: Any) -> Deployment:
-    d = tmp_path_factory.mktemp(name)
-    stack = Stack(d, port=0, **kw).start()
-    data = json.loads((d / "deployment.json").read_text())
-    return Deployment(d, data, stack)
+def start_stack(tmp_path_factory: pytest.TempPathFactory | None, name: str, **kw: Any) -> Deployment:
+    """A started stack (``kw``: :class:`cmg.testing.CMGStack` options); stop with ``dep.cmg.stop()``."""
+    cmg = CMGStack(**kw).start()
+    assert cmg.directory is not None and cmg.stack is not None
+    return Deployment(cmg.directory, cmg.deployment, cmg.stack, cmg)
 
 
 @pytest.fixture
@@ -92,7 +98,7 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory):
 
     yield make
     for dep in made:
-        dep.stack.stop()
+        dep.cmg.stop()
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +106,7 @@ def single(tmp_path_factory: pytest.TempPathFactory):
     """One instance, one connection point: every request shares one tunnel."""
     dep = start_stack(tmp_path_factory, "single", instances=1, connectors=1)
     yield dep
-    dep.stack.stop()
+    dep.cmg.stop()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory):
     """Two instances, two connection points: the high-availability shape."""
     dep = start_stack(tmp_path_factory, "pair", instances=2, connectors=2)
     yield dep
-    dep.stack.stop()
+    dep.cmg.stop()
 
 
 @contextlib.contextmanager
