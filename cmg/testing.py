@@ -199,6 +199,7 @@ class CMGStack:
         self.baseline = 0  # site_requests() default: only requests after this seq
         self.startup_seconds: float | None = None
         self._clients: list[Client | AsyncClient] = []
+        self._stalled: set[str] = set()
 
     # --- lifecycle ---
 
@@ -234,6 +235,9 @@ class CMGStack:
             with contextlib.suppress(Exception):
                 c._close_from_stack()
         self._clients.clear()
+        for r in list(self._stalled):  # let held requests go: the site then stops at once
+            with contextlib.suppress(Exception):
+                self.unstall(r)
         if self.stack is not None:
             self.stack.stop()
             self.stack = None
@@ -476,6 +480,7 @@ class CMGStack:
             self.pause("mock_site")
             return
         self._site_post("/_mock/stall", {"role": _site_role(target), "stalled": True})
+        self._stalled.add(_site_role(target))
 
     def unstall(self, target: str = "MP") -> None:
         """Release a stalled role (or ``site``); held requests are then answered."""
@@ -483,6 +488,7 @@ class CMGStack:
             self.resume("mock_site")
             return
         self._site_post("/_mock/stall", {"role": _site_role(target), "stalled": False})
+        self._stalled.discard(_site_role(target))
 
     @contextlib.contextmanager
     def stalled(self, target: str = "MP") -> Iterator[None]:

@@ -201,3 +201,37 @@ def test_startup_time_of_a_default_stack(record_property):
     record_property("cmg_startup_seconds", median)
     print(f"\ndefault stack start-up: median {median:.2f} s of {[round(t, 2) for t in times]}")
     assert median < 15
+
+
+def test_docs_show_the_example_files_exactly():
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    doc = (here.parents[1] / "docs" / "testing.md").read_text()
+    for name in ("test_example_client_library.py", "test_example_mp_extension.py", "test_example_fault_injection.py"):
+        assert f"```python\n{(here / name).read_text()}```" in doc, f"docs/testing.md does not show {name} as it is"
+
+
+def test_a_stalled_role_does_not_hold_up_stop():
+    import threading
+
+    cmg = CMGStack(overrides={"connection_point": {"request_timeout": 30}}).start()
+    client = cmg.client()
+    answered: list[object] = []
+
+    def held() -> None:
+        try:
+            answered.append(client.request("GET", "SMS_MP/.sms_aut?MPLIST", role="MP").status)
+        except Exception as exc:  # the client is closed under it when the stack stops
+            answered.append(exc)
+
+    cmg.stall("MP")
+    worker = threading.Thread(target=held, daemon=True)
+    worker.start()
+    time.sleep(1.0)
+    assert answered == []  # held at the MP
+    t0 = time.monotonic()
+    cmg.stop()
+    assert time.monotonic() - t0 < 5
+    worker.join(10)
+    assert answered
