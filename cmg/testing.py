@@ -176,13 +176,17 @@ class CMGStack:
     ``directory``: where the deployment lives (default: a new temporary directory,
     removed at :meth:`stop` unless ``keep``). ``share_certificates``: copy one
     certificate set generated per process rather than generating one per stack.
+    ``ephemeral=False``: keep the ports the configuration names (``overrides``) rather
+    than free ones (tests that place components on fixed addresses, e.g. in network
+    namespaces with ``command_prefix``).
     """
 
     def __init__(self, *, instances: int = 1, connectors: int = 1,
                  overrides: Mapping[str, Mapping[str, Any]] | None = None,
                  extra_roles: list[dict[str, Any]] | None = None, directory: Path | str | None = None,
                  keep: bool = False, share_certificates: bool = True, connect_timeout: float = 60.0,
-                 supervise: bool = True, command_prefix: dict[str, list[str]] | None = None) -> None:
+                 supervise: bool = True, command_prefix: dict[str, list[str]] | None = None,
+                 ephemeral: bool = True) -> None:
         self.options = {"instances": instances, "connectors": connectors,
                         "overrides": {k: dict(v) for k, v in (overrides or {}).items()},
                         "extra_roles": [dict(r) for r in extra_roles or []]}
@@ -192,6 +196,7 @@ class CMGStack:
         self._connect_timeout = connect_timeout
         self._supervise = supervise
         self._command_prefix = command_prefix
+        self._ephemeral = ephemeral
         self.directory: Path | None = None
         self.stack: Stack | None = None
         self.deployment: dict[str, Any] = {}
@@ -213,7 +218,7 @@ class CMGStack:
         self.directory = self._given_dir or Path(tempfile.mkdtemp(prefix="cmg-stack-"))
         self.directory.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        self.stack = Stack(self.directory, port=0, instances=self.options["instances"],
+        self.stack = Stack(self.directory, port=0 if self._ephemeral else None, instances=self.options["instances"],
                            connectors=self.options["connectors"], overrides=self.options["overrides"],
                            extra_roles=self.options["extra_roles"], connect_timeout=self._connect_timeout,
                            supervise=self._supervise, command_prefix=self._command_prefix,
