@@ -162,6 +162,23 @@ class PodmanService:
         self._health: threading.Thread | None = None
 
     def start(self) -> "PodmanService":
+        self._serve()
+        self._health = threading.Thread(target=self._healthchecks, daemon=True)
+        self._health.start()
+        return self
+
+    def ensure_running(self) -> None:
+        """Start the API service again if it ended or lost its socket (seen once here)."""
+        if self.proc is not None and self.proc.poll() is None and self.socket.exists():
+            return
+        say(f"podman system service ended (exit {self.proc.poll() if self.proc else None}) "
+            f"or lost its socket: starting it again")
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+        self._serve()
+
+    def _serve(self) -> None:
         if self.socket.exists():
             self.socket.unlink()
         log = open(self.root / "service.log", "ab")
@@ -173,9 +190,6 @@ class PodmanService:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise Unavailable(f"podman system service did not start (see {self.root / 'service.log'})")
             time.sleep(0.1)
-        self._health = threading.Thread(target=self._healthchecks, daemon=True)
-        self._health.start()
-        return self
 
     def _healthchecks(self) -> None:
         # Without systemd podman never runs HEALTHCHECKs, and compose's
@@ -205,6 +219,7 @@ class PodmanService:
 
     def compose(self, compose_file: Path, *args: str, project: str, timeout: float = 600,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
+        self.ensure_running()
         r = subprocess.run(["docker-compose", "-f", str(compose_file), "-p", project, *args],
                            env=self.env, text=True, capture_output=True, timeout=timeout,
                            cwd=compose_file.parent)

@@ -76,7 +76,9 @@ class Deployment:
         return podman_env.podman(self.service.env, *args, check=check, timeout=120)
 
     def container(self, service: str) -> str:
-        ids = self.compose("ps", "-q", service).stdout.split()
+        ids = self.podman("ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}",
+                          "--filter", f"label=com.docker.compose.service={service}",
+                          "--filter", "label=com.docker.compose.oneoff=False").stdout.split()
         assert ids, f"no container for {service}"
         return ids[0]
 
@@ -161,33 +163,47 @@ def test_client_from_the_host_through_the_published_port(deployment: Deployment,
 
 PROBE = """
 import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-try:
-    socket.create_connection((host, port), timeout=3).close()
-    print("open")
-except OSError as exc:
-    print(type(exc).__name__, exc.errno)
+from concurrent.futures import ThreadPoolExecutor
+def probe(target):
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.5).close()
+        return "open"
+    except OSError as exc:
+        return f"{type(exc).__name__} {exc.errno}"
+targets = sys.argv[1:]
+with ThreadPoolExecutor(len(targets)) as pool:
+    for target, result in zip(targets, pool.map(probe, targets)):
+        print(target, result)
 """
+
+
+def probe(run: Any, targets: list[str]) -> dict[str, str]:
+    r = run("python", "-c", PROBE, *targets)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
 
 
 def test_onprem_is_unreachable_from_internet_and_cloud(deployment: Deployment) -> None:
     networks = deployment.inspect("site")["NetworkSettings"]["Networks"]
     assert list(networks) == [f"{PROJECT}_onprem"], networks
     site_ip = networks[f"{PROJECT}_onprem"]["IPAddress"]
-    connector_ips = [n["IPAddress"] for n in deployment.inspect("connector-1")["NetworkSettings"]["Networks"].values()]
-    # Positive control: the connection point reaches the site (by name and address).
-    for target in ("site", site_ip):
-        r = deployment.exec("connector-1", "python", "-c", PROBE, target, "8003")
-        assert r.stdout.strip() == "open", (target, r.stdout, r.stderr)
-    # From the cloud (a gateway) and the internet (a client container): nothing.
-    client = deployment.compose("run", "-d", "--rm", "--entrypoint", "sleep", "client", "120").stdout.strip()
+    connector_onprem_ip = deployment.inspect("connector-1")["NetworkSettings"]["Networks"][f"{PROJECT}_onprem"]["IPAddress"]
+    site_targets = [f"{host}:{port}" for host in ("site", site_ip) for port in (8003, 8530, 8004, 8006)]
+    # Positive control: a connection point reaches every site port, by name and address.
+    seen = probe(lambda *a: deployment.exec("connector-1", *a), site_targets)
+    assert set(seen.values()) == {"open"}, seen
+    # A connection point listens on nothing but its loopback tunnel relays.
+    tcp = deployment.exec("connector-1", "cat", "/proc/net/tcp", "/proc/net/tcp6").stdout.splitlines()
+    listening = [line.split()[1] for line in tcp if len(line.split()) > 3 and line.split()[3] == "0A"]
+    assert listening and all(addr.startswith("0100007F:") for addr in listening), listening
+    # From the cloud (a gateway) and the internet (a client container): nothing on-prem.
+    client = deployment.compose("run", "-d", "--rm", "--entrypoint", "sleep", "client", "300").stdout.strip()
     try:
-        for who, run in (("gateway-0", lambda *a: deployment.exec("gateway-0", *a)),
-                         ("internet client", lambda *a: deployment.podman("exec", client, *a, check=False))):
-            for target, port in [("site", 8003), (site_ip, 8003), (site_ip, 8530), (site_ip, 8004),
-                                 *((ip, 8003) for ip in connector_ips)]:
-                r = run("python", "-c", PROBE, target, str(port))
-                assert r.stdout.strip() != "open", f"{who} reached {target}:{port}"
-                assert r.stdout.strip() or r.returncode != 0, r.stderr
+        for who, run in (("gateway-0 (cloud)", lambda *a: deployment.exec("gateway-0", *a)),
+                         ("a client (internet)", lambda *a: deployment.podman("exec", client, *a, check=False))):
+            seen = probe(run, [*site_targets, f"{connector_onprem_ip}:10124"])
+            print(who, seen, flush=True)
+            assert "open" not in seen.values(), f"{who} reached on-prem: {seen}"
     finally:
-        deployment.podman("rm", "-f", client, check=False)
+        deployment.podman("rm", "-f", "-t", "0", client, check=False)
