@@ -153,6 +153,7 @@ class GatewayConfig:
     monitoring_bind: str  # /metrics, /healthz, /readyz, /status: never on the client port
     monitoring_base_port: int  # instance i: base + i
     monitoring_peer_host: str  # where this instance finds its peers' monitoring ports
+    listen_grace: float  # at start, wait this long for a connection point before taking clients
 
     @property
     def monitoring_port(self) -> int:
@@ -236,6 +237,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_connections": int,
         "monitoring_bind": str,
         "monitoring_base_port": int,
+        "listen_grace": (int, float),
     },
     "certificates": {
         "dir": str,
@@ -353,6 +355,7 @@ class Deployment:
     max_connections: int = 20000
     monitoring_bind: str = "127.0.0.1"
     monitoring_base_port: int = 9124
+    listen_grace: float = 10.0
     certs: Mapping[str, Any] = field(default_factory=dict)
     site_code: str = DEFAULT_SITE_CODE
     site_bind: str = "127.0.0.1"
@@ -476,6 +479,7 @@ class Deployment:
             monitoring_bind=self.monitoring_bind,
             monitoring_base_port=self.monitoring_base_port,
             monitoring_peer_host=self.monitoring_bind if self.monitoring_bind not in ("0.0.0.0", "::") else "127.0.0.1",
+            listen_grace=self.listen_grace,
         )
 
     def connection_point(self, name: str) -> ConnectionPointConfig:
@@ -627,6 +631,10 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
     for key in ("drain_timeout", "traffic_summary_interval", "client_header_timeout", "client_body_timeout"):
         if key in service:
             kw[key] = float(_positive(f"service.{key}", service[key]))
+    if "listen_grace" in service:
+        if not 0 <= service["listen_grace"] <= 3600:
+            raise ConfigError(f"'service.listen_grace' must be 0 to 3600 seconds, not {service['listen_grace']}")
+        kw["listen_grace"] = float(service["listen_grace"])
     if "monitoring_bind" in service:
         kw["monitoring_bind"] = _address("service.monitoring_bind", service["monitoring_bind"])
     if "monitoring_base_port" in service:

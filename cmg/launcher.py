@@ -437,21 +437,30 @@ class Stack:
         }
 
     def _supervise(self) -> None:
+        """Restart what dies, each on its own backoff: two components that die together
+        restart together, not one after the other's wait."""
         delays: dict[str, float] = {}
-        while not self._stop_event.wait(0.25):
+        due: dict[str, float] = {}  # name -> when its restart is due
+        while not self._stop_event.wait(0.1):
+            now = time.monotonic()
             for p in list(self.processes):
                 with self._lock:
                     if self._stopping or p.held or p.alive():
+                        due.pop(p.name, None)
                         continue
-                code = p.proc.returncode if p.proc else None
-                if time.monotonic() - p.started_at > 60:
-                    delays.pop(p.name, None)  # it ran well for a while: start the backoff over
-                delay = min(delays.get(p.name, 0.5) * 2, 30.0)
-                delays[p.name] = delay
-                sys.stderr.write(f"cmg: {p.name} exited with code {code}; restarting in {delay:.1f} s\n")
-                if self._stop_event.wait(delay):
-                    return
+                if p.name not in due:
+                    code = p.proc.returncode if p.proc else None
+                    if now - p.started_at > 60:
+                        delays.pop(p.name, None)  # it ran well for a while: start the backoff over
+                    delay = min(delays.get(p.name, 0.5) * 2, 30.0)
+                    delays[p.name] = delay
+                    due[p.name] = now + delay
+                    sys.stderr.write(f"cmg: {p.name} exited with code {code}; restarting in {delay:.1f} s\n")
+                    continue
+                if now < due[p.name]:
+                    continue
                 with self._lock:
+                    due.pop(p.name, None)
                     if self._stopping or p.held or p.alive():
                         continue
                     p.restarts += 1

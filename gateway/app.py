@@ -39,8 +39,7 @@ def client_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(4096)
-    sock.setblocking(False)
+    sock.setblocking(False)  # asyncio listens when the instance starts serving
     return sock
 
 
@@ -66,6 +65,8 @@ class GatewayInstance:
         self.handler: ClientRequestHandler | None = None
         self.tokens: TokenAuthenticator | None = None
         self._connections: set[TLSServerProtocol] = set()
+        self._first_connection_point = asyncio.Event()
+        self._listening: asyncio.Future[None] | None = None
         self._refused_connections = 0
 
     async def start(self) -> None:
@@ -90,13 +91,24 @@ class GatewayInstance:
         await self.tunnels.start()
 
         self.handler = ClientRequestHandler(cfg, self.routes, verifier, self.tokens, self.summary, self.log)
+        # handler_cancellation: a client that goes away cancels its request, so its
+        # stream is reset towards the connection point at once (a held BGB poll too).
         self._web = GatewayServer(self.handler, header_timeout=cfg.client_header_timeout, log=self.log,
+                                  handler_cancellation=True,
                                   auto_decompress=False, access_log=None, keepalive_timeout=120,
                                max_field_size=16384, max_line_size=16384)
         sock = client_socket(cfg.bind, cfg.client_port, reuse_port=True)
         loop = asyncio.get_running_loop()
         web_server = self._web
-        self._server = await loop.create_server(lambda: self._client_protocol(ctx, web_server), sock=sock)
+        # Bound now (the port is ours), listening only once a connection point serves this
+        # instance, or after listen_grace: with several instances on one port, a
+        # restarted instance must not take clients it can only answer with 503.
+        self._server = await loop.create_server(lambda: self._client_protocol(ctx, web_server), sock=sock,
+                                                backlog=4096, start_serving=False)
+        if cfg.listen_grace > 0:
+            self._listening = asyncio.ensure_future(self._start_serving())
+        else:
+            await self._server.start_serving()
         self.metrics.watch(self.routes, self.handler)
         self.monitoring = MonitoringServer(self)
         await self.monitoring.start()
@@ -110,7 +122,18 @@ class GatewayInstance:
             auth.entra.tenant_id if auth.entra.enabled else "not enabled",
         )
 
+    async def _start_serving(self) -> None:
+        try:
+            await asyncio.wait_for(self._first_connection_point.wait(), self.config.listen_grace)
+        except asyncio.TimeoutError:
+            self.log.warning("No connection point after %.0f s: taking clients anyway (they will get 503 "
+                             "until one connects)", self.config.listen_grace)
+        assert self._server is not None
+        await self._server.start_serving()
+        self.log.info("Taking client connections on %s:%d", self.config.bind, self.client_port)
+
     def _connection_point_connected(self, link: ConnectorLink) -> None:
+        self._first_connection_point.set()
         self.known_connection_points.add(link.name)
         self.metrics.tunnel_connects.labels(str(self.config.instance), link.name).inc()
 
@@ -137,19 +160,25 @@ class GatewayInstance:
             self.summary.flush()
 
     async def stop(self, drain: bool = True) -> None:
-        """Stop taking clients; let in-flight requests finish (up to the drain timeout)."""
+        """Drain: take no new connections, close idle keep-alive ones and let busy ones
+        close after their response, finish what is in flight (up to drain_timeout), then
+        leave. The tunnels stay usable until the end, so nothing in flight gets a 503."""
         cfg = self.config
+        if self._listening is not None:
+            self._listening.cancel()
         if self._server is not None:
             self._server.close()
+        if self._web is not None:
+            self._web.pre_shutdown()
         if drain and self.handler is not None and self.handler.in_flight:
             self.log.info("Draining %d in-flight requests (up to %.0f s)", self.handler.in_flight,
                           cfg.drain_timeout)
-            if self.tunnels is not None:
-                await self.tunnels.drain()
             try:
                 await asyncio.wait_for(self.handler.idle.wait(), cfg.drain_timeout)
             except asyncio.TimeoutError:
                 self.log.warning("Drain timeout: %d requests still in flight", self.handler.in_flight)
+        if self.tunnels is not None:
+            await self.tunnels.drain()
         if self._web is not None:
             await self._web.shutdown(timeout=1.0)
         if self.tunnels is not None:

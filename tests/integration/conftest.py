@@ -127,6 +127,8 @@ def _lone_gateway(tmp_path: Path, certs: Path, service_lines: str, pem: bool = F
 {service_lines}
 client_port = {free_port()}
 tunnel_base_port = {free_port()}
+monitoring_base_port = {free_port()}
+listen_grace = 0
 [certificates]
 dir = "{certs}"
 {server}

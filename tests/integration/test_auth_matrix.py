@@ -235,7 +235,7 @@ def tls11_handshake(host: str, port: int, service_name: str, ca: str) -> str | N
         with socket.create_connection((host, port), timeout=10) as raw:
             with ctx.wrap_socket(raw, server_hostname=service_name) as tls:
                 return None if tls.version() == "TLSv1.1" else f"negotiated {tls.version()}"
-    except (ssl.SSLError, OSError) as exc:
+    except ssl.SSLError as exc:  # a refused handshake; anything else (no listener) fails the test
         return str(exc)
 
 
