@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 from . import config as cfg
 
@@ -146,24 +147,19 @@ def _token_new(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    from .analyze import main as analyze
+def _on_deployment(command: str, module: str) -> Callable[[argparse.Namespace], int]:
+    """A command that reads a running deployment's deployment.json: cmg analyze, cmg status."""
 
-    path = Path(args.deployment)
-    if not path.exists():
-        print(f"cmg analyze: {path} does not exist (start the stack with cmg up)", file=sys.stderr)
-        return 2
-    return analyze(path)
+    def run(args: argparse.Namespace) -> int:
+        import importlib
 
+        path = Path(args.deployment)
+        if not path.exists():
+            print(f"cmg {command}: {path} does not exist (start the stack with cmg up)", file=sys.stderr)
+            return 2
+        return int(importlib.import_module(module).main(path))
 
-def _status(args: argparse.Namespace) -> int:
-    from .status import main as status
-
-    path = Path(args.deployment)
-    if not path.exists():
-        print(f"cmg status: {path} does not exist (start the stack with cmg up)", file=sys.stderr)
-        return 2
-    return status(path)
+    return run
 
 
 def _component(module: str, rest: list[str]) -> int:
@@ -214,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
 
     analyze = sub.add_parser("analyze", help="the Connection Analyzer: check a running deployment end to end")
     analyze.add_argument("--deployment", default="deployment.json", help="deployment.json written by cmg up")
-    analyze.set_defaults(func=_analyze)
+    analyze.set_defaults(func=_on_deployment("analyze", "cmg.analyze"))
 
     status = sub.add_parser("status", help="the CMG's state: instances, connection points, traffic")
     status.add_argument("--deployment", default="deployment.json", help="deployment.json written by cmg up")
-    status.set_defaults(func=_status)
+    status.set_defaults(func=_on_deployment("status", "cmg.status"))
 
     token = sub.add_parser("token", help="site-issued tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
