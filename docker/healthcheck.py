@@ -2,7 +2,9 @@
 
 Healthy means, by role (from ``/tmp/cmg-state.json``, kept by entrypoint.py):
   site       READY, and its MP, SUP and DP ports accept a connection
-  gateway    READY, and its client port (443) and tunnel port accept a connection
+  gateway    READY, and its tunnel port accepts a connection (not 443: an instance takes
+             clients only once a connection point serves it, or after service.listen_grace,
+             and connection points wait for healthy gateways)
   connector  READY, and connected to every gateway instance (it listens on nothing)
   init       /deployment/deployment.json written
 Exit 0 healthy, 1 not (the reason on stdout, which `docker inspect` shows).
@@ -39,7 +41,7 @@ def check() -> str | None:
     if kind == "site":
         ports = [int(info["ports"][k]) for k in ("mp", "sup", "dp")]
     elif kind == "gateway":
-        ports = [int(info["client_port"]), int(info["tunnel_port"])]
+        ports = [int(info["tunnel_port"])]
     elif kind == "connector":
         want = int(info.get("instances", 1))
         have = len(state.get("connected", []))

@@ -149,6 +149,23 @@ def prepare(root: Path = ROOT) -> dict[str, str]:
     return env
 
 
+def remove_project(env: dict[str, str], project: str) -> list[str]:
+    """Remove what is left of a compose project (by its label); returns what was found."""
+    label = f"label=com.docker.compose.project={project}"
+    found: list[str] = []
+    for kind, listing, remove in (
+        ("container", ["ps", "-a", "-q", "--filter", label], ["rm", "-f", "-t", "0"]),
+        ("network", ["network", "ls", "-q", "--filter", label], ["network", "rm", "-f"]),
+        ("volume", ["volume", "ls", "-q", "--filter", label], ["volume", "rm", "-f"]),
+    ):
+        ids = podman(env, *listing, check=False).stdout.split()
+        if ids:
+            found += [f"{kind} {i}" for i in ids]
+            podman(env, *remove, *ids, check=False)
+    podman(env, "image", "prune", "-f", check=False)  # superseded builds only
+    return found
+
+
 class PodmanService:
     """``podman system service`` on a socket of ours, plus the healthcheck loop."""
 

@@ -129,10 +129,13 @@ def deployment() -> Iterator[Deployment]:
         yield d
     finally:
         r = d.compose("down", "-v", "--remove-orphans", "-t", "15", check=False)
-        if r.returncode != 0:
-            print(f"compose down: {r.stderr[-2000:]}", flush=True)
-        podman_env.podman(env, "image", "prune", "-f", check=False)  # superseded builds only
+        print(f"compose down: exit {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:]}", flush=True)
+        # Whatever compose left of this project (it must be nothing): containers,
+        # networks, volumes, by compose's project label.
+        left = podman_env.remove_project(service.env, PROJECT)
         service.stop()
+        if left:
+            print(f"compose down left {left} behind: removed with podman", flush=True)
 
 
 def test_every_service_is_healthy_and_init_completed(deployment: Deployment) -> None:
