@@ -167,7 +167,7 @@ class ConnectionPointConfig:
     name: str
     site_code: str
     service_name: str
-    gateway_host: str
+    gateway_hosts: tuple[str, ...]  # where instance i is dialled (one container per instance, or one host)
     tunnel_ports: tuple[int, ...]
     certificate: Path
     key: Path
@@ -267,6 +267,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "drain_timeout": (int, float),
         "request_timeout": (int, float),
         "monitoring_base_port": int,
+        "gateway_hosts": list,
         "traffic_report_interval": (int, float),
     },
     "tunnel": {f.name: (int, float) if f.type == "float" else int
@@ -296,6 +297,7 @@ _ROLE_SCHEMA: dict[str, type | tuple[type, ...]] = {
 _SERVICE_NAME_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)$")
 _SITE_CODE_RE = re.compile(r"^[A-Za-z0-9]{3}$")
 _CONNECTOR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -378,6 +380,7 @@ class Deployment:
     cp_drain_timeout: float = 30.0
     request_timeout: float = 600.0
     cp_monitoring_base_port: int = 9224
+    gateway_hosts: tuple[str, ...] = ()  # empty: the gateway's bind address (loopback for 0.0.0.0)
     traffic_report_interval: float = 300.0
     limits: TunnelLimits = TunnelLimits()
     logs_dir: str = "logs"
@@ -492,7 +495,8 @@ class Deployment:
             name=name,
             site_code=self.site_code,
             service_name=self.service_name,
-            gateway_host=host,
+            gateway_hosts=self.gateway_hosts * self.instances if len(self.gateway_hosts) == 1
+            else self.gateway_hosts or (host,) * self.instances,
             tunnel_ports=tuple(self.tunnel_port(i) for i in range(self.instances)),
             certificate=d / f"connection-point-{name}.pem",
             key=d / f"connection-point-{name}.key",
@@ -713,6 +717,14 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
             kw[attr] = float(_positive(f"connection_point.{key}", cp[key]))
     if kw.get("reconnect_min", 0.5) > kw.get("reconnect_max", 30.0):
         raise ConfigError("'connection_point.reconnect_min' is greater than 'connection_point.reconnect_max'")
+    if "gateway_hosts" in cp:
+        hosts = cp["gateway_hosts"]
+        if len(hosts) not in (1, instances) or not all(isinstance(h, str) and _HOST_RE.match(h) for h in hosts):
+            raise ConfigError(
+                f"'connection_point.gateway_hosts' must list one host name or address, or one per "
+                f"instance ({instances}), not {hosts!r}"
+            )
+        kw["gateway_hosts"] = tuple(hosts)
     if "monitoring_base_port" in cp:
         kw["cp_monitoring_base_port"] = _port("connection_point.monitoring_base_port", cp["monitoring_base_port"])
     if "pool_size" in cp:

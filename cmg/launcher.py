@@ -345,7 +345,7 @@ class Stack:
                     seen.add(int(self._wait_line(c, "CONNECTED", self.connect_timeout)["instance"]))
 
         self._config = deployment
-        self.deployment = self._describe(deployment)
+        self.deployment = self.describe(deployment)
         out = self.dir / "deployment.json"
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.deployment, indent=2), encoding="utf-8")
@@ -378,7 +378,8 @@ class Stack:
         return {**role, "internal_url": urlunsplit((parts.scheme, f"{host}:{self._site_ports[kind]}",
                                                     parts.path, parts.query, ""))}
 
-    def _describe(self, d: cfg.Deployment) -> dict[str, Any]:
+    def describe(self, d: cfg.Deployment) -> dict[str, Any]:
+        """deployment.json's content for a deployment (also written by the compose set-up)."""
         tls = d.tls_files()
         port = d.client_port
         host_port = d.service_name if port == 443 else f"{d.service_name}:{port}"

@@ -110,7 +110,7 @@ class ConnectionPoint:
 
     async def _maintain(self, instance: int, port: int, ctx: ssl.SSLContext) -> None:
         cfg = self.config
-        url = f"wss://{cfg.gateway_host}:{port}/CMGTunnel"
+        url = f"wss://{cfg.gateway_hosts[instance]}:{port}/CMGTunnel"
         delays = backoff(cfg.reconnect_min, cfg.reconnect_max)
         first = True
         while not self._stopping:

@@ -3,7 +3,7 @@
     init                 certificates (cmg certs init) into /deployment, then the client kit
     site                 the mock site (MP, SUP, DP)
     gateway I            gateway instance I
-    connector NAME       connection point NAME (relays CMG_TUNNEL_RELAY ports to the gateways)
+    connector NAME       connection point NAME
     client [ARGS]        one internet client cycle (cmg client) with the client kit
     anything else        run as a command
 
@@ -15,14 +15,12 @@ component drains as it does under ``cmg up``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 CONFIG = Path(os.environ.get("CMG_CONFIG", "/opt/cmg/deployment.toml"))
@@ -56,7 +54,7 @@ def init() -> int:
     # with what differs when every component is a container: clients find the CMG by
     # its service name (a network alias of both gateways on `internet`), on 443.
     stack = Stack(DEPLOYMENT, config_file=CONFIG)
-    d = stack._describe(deployment)  # noqa: SLF001 - one source for the file's format
+    d = stack.describe(deployment)  # one source for the file's format
     d["listen"] = f"{deployment.service_name}:{deployment.client_port}"
     d["config"] = str(CONFIG)
     d["processes"] = []
@@ -85,57 +83,6 @@ def write_state(state: dict[str, object]) -> None:
     tmp = STATE.with_suffix(".tmp")
     tmp.write_text(json.dumps(state), encoding="utf-8")
     tmp.replace(STATE)
-
-
-def relays() -> list[tuple[int, str, int]]:
-    """CMG_TUNNEL_RELAY="10124=gateway-0:10124,10125=gateway-1:10125"."""
-    out = []
-    for item in filter(None, os.environ.get("CMG_TUNNEL_RELAY", "").replace(" ", "").split(",")):
-        local, _, target = item.partition("=")
-        host, _, port = target.rpartition(":")
-        out.append((int(local), host, int(port)))
-    return out
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        try:
-            writer.close()
-        except (ConnectionError, OSError):
-            pass
-
-
-async def _relay_main(specs: list[tuple[int, str, int]], started: threading.Event) -> None:
-    async def serve(host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
-        except (OSError, asyncio.TimeoutError) as exc:
-            say(f"relay to {host}:{port}: {exc.__class__.__name__} {exc}")
-            writer.close()
-            return
-        await asyncio.gather(_pipe(reader, up_w), _pipe(up_r, writer))
-
-    for local, host, port in specs:
-        await asyncio.start_server(lambda r, w, h=host, p=port: serve(h, p, r, w), "127.0.0.1", local)
-        say(f"relaying 127.0.0.1:{local} -> {host}:{port} (TLS stays end to end)")
-    started.set()
-    await asyncio.Event().wait()
-
-
-def start_relays() -> None:
-    specs = relays()
-    if not specs:
-        return
-    started = threading.Event()
-    threading.Thread(target=lambda: asyncio.run(_relay_main(specs, started)), daemon=True).start()
-    if not started.wait(10):
-        raise SystemExit("entrypoint: the tunnel relays did not start")
 
 
 def supervise(kind: str, argv: list[str]) -> int:
@@ -190,7 +137,6 @@ def main(argv: list[str]) -> int:
         return supervise("gateway", [py, "-m", "gateway", *common(), "--instance", instance, *rest[1:]])
     if role == "connector":
         name = rest[0] if rest else os.environ["CMG_CONNECTOR"]
-        start_relays()
         return supervise("connector", [py, "-m", "connector", *common(), "--name", name, *rest[1:]])
     if role == "client":
         os.execv(py, [py, "-m", "cmg", "client", "--deployment", str(CLIENT_KIT / "deployment.json"), *rest])

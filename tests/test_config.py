@@ -103,3 +103,14 @@ def test_unknown_instance_and_connection_point_are_named(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "nope.toml")
+
+
+def test_gateway_hosts_one_per_instance_or_one_for_all(tmp_path):
+    two = {"service": {"instances": 2}}
+    d = load(None, base_dir=tmp_path, overrides={**two, "connection_point": {"gateway_hosts": ["gateway-0", "gateway-1"]}})
+    assert d.connection_point("CMGCP01").gateway_hosts == ("gateway-0", "gateway-1")
+    d = load(None, base_dir=tmp_path, overrides={**two, "connection_point": {"gateway_hosts": ["cmg.local"]}})
+    assert d.connection_point("CMGCP01").gateway_hosts == ("cmg.local", "cmg.local")
+    assert load(None, base_dir=tmp_path, overrides=two).connection_point("CMGCP01").gateway_hosts == ("127.0.0.1",) * 2
+    with pytest.raises(ConfigError, match="gateway_hosts"):
+        load(None, base_dir=tmp_path, overrides={**two, "connection_point": {"gateway_hosts": ["a", "b", "c"]}})
