@@ -19,9 +19,11 @@ from aiohttp.web_server import Server
 class AnyVerbRequestHandler(RequestHandler):
     """A connection handler whose request parser accepts any token as the method."""
 
+    parser_class: type[HttpRequestParserPy] = HttpRequestParserPy
+
     def __init__(self, manager: Server, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
-        self._parser = HttpRequestParserPy(
+        self._parser = self.parser_class(
             self,
             loop,
             self._read_bufsize,

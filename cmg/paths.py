@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 from urllib.parse import unquote
 
 from cmg.config import ROLE_ID_BASE
@@ -32,7 +33,18 @@ _PREFIXES = {("/" + c.value + "/").lower(): c for c in Channel}
 
 
 def parse_client_path(raw_path: str) -> ClientPath | None:
-    """Split a client request's raw path; None when it is not a CMG path at all."""
+    """Split a client request's raw path; None when it is not a CMG path at all.
+
+    The answer (immutable) is remembered for recent short paths: clients ask for the
+    same few paths over and over, and both the gateway and the connection point parse
+    each request's path.
+    """
+    if len(raw_path) <= 512:
+        return _parse_cached(raw_path)
+    return _parse(raw_path)
+
+
+def _parse(raw_path: str) -> ClientPath | None:
     lowered = raw_path[:32].lower()
     for prefix, channel in _PREFIXES.items():
         if lowered.startswith(prefix):
@@ -55,3 +67,6 @@ def parse_client_path(raw_path: str) -> ClientPath | None:
             seg in (".", "..") for seg in decoded.split("/"))
         return ClientPath(channel, role_id, first, internal, malformed)
     return ClientPath(channel, None, unquote(head), rest)
+
+
+_parse_cached = lru_cache(maxsize=2048)(_parse)

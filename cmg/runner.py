@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -44,6 +46,22 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def tune_process() -> None:
+    """Once a component has started: less garbage-collector and logging work per request.
+
+    Everything allocated during start-up (modules, configuration, certificates) is
+    moved out of the collector's sight (``gc.freeze``), and the young generation is
+    collected every 50,000 allocations instead of 700: the request path creates many
+    short-lived objects and few cycles, so the collector was 7-9 % of the CPU. Log
+    records skip the process and multiprocessing names nobody formats.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    logging.logMultiprocessing = False
+    logging.logProcesses = False
+
+
 def run_component(make: Callable[[], Component], ready: Callable[[Component], dict[str, Any]],
                   startup_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Start a component, announce READY, wait for SIGTERM/SIGINT, drain, stop."""
@@ -60,6 +78,7 @@ def run_component(make: Callable[[], Component], ready: Callable[[Component], di
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        tune_process()
         print("READY " + json.dumps(ready(component)), flush=True)
         await stop.wait()
         for sig in (signal.SIGTERM, signal.SIGINT):

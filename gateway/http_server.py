@@ -18,7 +18,9 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_exceptions import BadStatusLine, LineTooLong
+from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.web_request import BaseRequest
 
 from cmg.anyverb import AnyVerbRequestHandler, AnyVerbServer
@@ -28,7 +30,19 @@ from . import errors
 HEADER_TOO_LARGE = errors.CMGError(431, "CMGService_RequestHeaderFieldsTooLarge")
 
 
+class HTTP1RequestParser(HttpRequestParserPy):
+    """Only HTTP/1.0 and HTTP/1.1 requests: "HTTP/2.0" on an HTTP/1 connection is a bad
+    request (400 ``CMGService_BadRequest``), never answered as if it were HTTP/2.0."""
+
+    def parse_message(self, lines: Any) -> Any:
+        message = super().parse_message(lines)
+        if message.version not in (HttpVersion10, HttpVersion11):
+            raise BadStatusLine(f"HTTP version {message.version.major}.{message.version.minor} is not HTTP/1.x")
+        return message
+
+
 class GatewayRequestHandler(AnyVerbRequestHandler):
+    parser_class = HTTP1RequestParser
     header_timeout = 15.0
     cmg_log: logging.Logger = logging.getLogger("gateway.http")
 

@@ -20,6 +20,21 @@ log = logging.getLogger("gateway.tls")
 
 _READ_SIZE = 256 * 1024
 
+# pyOpenSSL's recv(n) and bio_read(n) allocate an n-byte buffer on every call (at
+# 256 KiB, malloc maps and unmaps it each time), and bio_read ends every flush by
+# raising WantReadError. On the hot path the same OpenSSL calls are made through
+# pyOpenSSL's own cffi binding into one buffer allocated once (the event loop is
+# single-threaded; every result is copied out before the next call). Errors still go
+# through pyOpenSSL, so its exceptions are raised exactly as before.
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _BUFFER = _ffi.new("char[]", _READ_SIZE)
+    _FAST = all(hasattr(_lib, name) for name in ("SSL_read", "BIO_read")) and hasattr(SSL.Connection, "_raise_ssl_error")
+except Exception:  # pragma: no cover - another pyOpenSSL layout: the public API
+    _FAST = False
+
 
 class TLSAppTransport(asyncio.Transport):
     """What the HTTP layer sees: a transport of plaintext over the TLS connection."""
@@ -162,10 +177,20 @@ class TLSServerProtocol(asyncio.Protocol):
         self.app = self._app_factory()
         self.app.connection_made(self.app_transport)
 
+    def _recv(self) -> bytes:
+        conn = self.conn
+        if not _FAST:
+            return conn.recv(_READ_SIZE)
+        n = _lib.SSL_read(conn._ssl, _BUFFER, _READ_SIZE)
+        if n <= 0:
+            conn._raise_ssl_error(conn._ssl, n)
+            raise SSL.WantReadError()  # pragma: no cover - pyOpenSSL raised already
+        return _ffi.buffer(_BUFFER, n)[:]
+
     def _read_plaintext(self) -> None:
         while self.raw is not None:
             try:
-                chunk = self.conn.recv(_READ_SIZE)
+                chunk = self._recv()
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
@@ -220,7 +245,7 @@ class TLSServerProtocol(asyncio.Protocol):
         if self.closing or self.raw is None:
             return
         try:
-            self.conn.sendall(bytes(data))
+            self.conn.sendall(data)
         except SSL.Error as exc:
             log.info("TLS write failed to %s: %s", self._peer(), _ssl_reason(exc))
             self.abort()
@@ -231,6 +256,15 @@ class TLSServerProtocol(asyncio.Protocol):
         raw = self.raw
         if raw is None:
             return
+        if _FAST:
+            bio = self.conn._from_ssl
+            while True:
+                n = _lib.BIO_read(bio, _BUFFER, _READ_SIZE)
+                if n <= 0:  # a memory BIO fails a read only when it is empty
+                    return
+                raw.write(_ffi.buffer(_BUFFER, n)[:])
+                if n < _READ_SIZE:
+                    return
         while True:
             try:
                 out = self.conn.bio_read(_READ_SIZE)

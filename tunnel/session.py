@@ -111,12 +111,31 @@ class TunnelStream:
             await self._readable.wait()
         return self._response
 
-    async def send_response(self, status: int, reason: str, headers: Headers, end_stream: bool = False) -> None:
-        """Connector side: send the response head."""
+    async def send_response(self, status: int, reason: str, headers: Headers, end_stream: bool = False,
+                            body: bytes = b"") -> None:
+        """Connector side: send the response head, and optionally the first body bytes.
+
+        With ``body``, the head, the body (as far as the stream's credit allows at once)
+        and, with ``end_stream``, the end all go out in one flush; the rest of ``body``
+        waits for credit like :meth:`write`.
+        """
         self._check_writable()
-        self._session.protocol.send_response(self.stream_id, status, reason, headers, end_stream)
-        await self._session._flush()
-        self._session._forget(self)
+        protocol = self._session.protocol
+        if not body:
+            protocol.send_response(self.stream_id, status, reason, headers, end_stream)
+            await self._session._flush()
+            self._session._forget(self)
+            return
+        protocol.send_response(self.stream_id, status, reason, headers, False)
+        available = protocol.available_window(self.stream_id)
+        if available >= len(body):
+            protocol.send_data(self.stream_id, body, end_stream)
+            await self._session._flush()
+            self._session._forget(self)
+            return
+        await self.write(body)
+        if end_stream:
+            await self.end()
 
     async def write(self, data: bytes) -> None:
         """Send body bytes, waiting for flow-control credit as needed.
