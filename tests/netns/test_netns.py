@@ -30,6 +30,7 @@ from typing import Iterator
 import pytest
 
 from cmg.launcher import Stack
+from cmg.testing import CMGStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -130,20 +131,21 @@ def stack(namespaces: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     directory = tmp_path_factory.mktemp("netns")
     prefix = {kind: ["ip", "netns", "exec", namespaces[zone]]
               for kind, zone in (("gateway", "cloud"), ("connector", "onprem"), ("site", "onprem"))}
-    s = Stack(directory, instances=1, connectors=1, command_prefix=prefix, connect_timeout=30,
-              overrides={
-                  # The gateway listens on the cloud's public address: the client's
-                  # port and the tunnel port; connectors dial it there.
-                  "service": {"bind": CLOUD_PUBLIC_IP, "client_port": CLIENT_PORT,
-                              "tunnel_base_port": TUNNEL_BASE},
-                  # The site listens on its on-prem address (its roles' internal URLs).
-                  "site": {"bind": ONPREM_IP},
-              })
+    cmg = CMGStack(directory=directory, ephemeral=False, instances=1, connectors=1,
+                   command_prefix=prefix, connect_timeout=30,
+                   overrides={
+                       # The gateway listens on the cloud's public address: the client's
+                       # port and the tunnel port; connectors dial it there.
+                       "service": {"bind": CLOUD_PUBLIC_IP, "client_port": CLIENT_PORT,
+                                   "tunnel_base_port": TUNNEL_BASE},
+                       # The site listens on its on-prem address (its roles' internal URLs).
+                       "site": {"bind": ONPREM_IP},
+                   })
     try:
-        s.start()
-        yield s
+        cmg.start()
+        yield cmg.stack
     finally:
-        s.stop()
+        cmg.stop()
 
 
 def probe(zone: str, host: str, port: int) -> str:
