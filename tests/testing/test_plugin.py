@@ -28,7 +28,7 @@ def run(pytester: pytest.Pytester, monkeypatch, tmp_path, **files: str) -> tuple
     seen = tmp_path / "seen.jsonl"
     monkeypatch.setenv("CMG_PLUGIN_SEEN", str(seen))
     pytester.makepyfile(**{name: PRELUDE + body for name, body in files.items()})
-    result = pytester.runpytest_subprocess("-p", "cmg.pytest_plugin", "-p", "no:cacheprovider", "-q")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
     lines = [json.loads(line) for line in seen.read_text().splitlines()] if seen.exists() else []
     return result, lines
 
@@ -108,7 +108,7 @@ def test_keep_option_keeps_the_directory(pytester, monkeypatch, tmp_path):
 def test_k(cmg_stack):
     note("k", cmg_stack)
 ''')
-    result = pytester.runpytest_subprocess("-p", "cmg.pytest_plugin", "-p", "no:cacheprovider", "-q", "--cmg-keep")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "--cmg-keep")
     result.assert_outcomes(passed=1)
     [seen] = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
     import pathlib
