@@ -317,6 +317,14 @@ def _check_target(target: str) -> str | None:
 
 
 def _check_headers(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    # Fast path: every name at once, every value at once; the loop below finds the
+    # first culprit (and words the error) only when something is wrong.
+    if headers:
+        names = [name for name, _ in headers]
+        values = b"".join([value for _, value in headers])
+        if (all(names) and not b"".join(names).translate(None, _TCHAR_BYTES)
+                and b"\r" not in values and b"\n" not in values and b"\x00" not in values):
+            return None
     for name, value in headers:
         if not name or name.translate(None, _TCHAR_BYTES):
             return f"header name {name[:40]!r} is not a token"
