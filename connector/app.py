@@ -46,7 +46,7 @@ class ConnectionPoint:
         self._monitoring: web.AppRunner | None = None
         self.monitoring_port = 0
         self.forwarder = Forwarder(UrlMap(config.service_name, config.roles), self.log, config.pool_size,
-                                   config.request_timeout)
+                                   config.request_timeout, self.traffic)
         self.sessions: dict[int, TunnelSession] = {}
         self.connected: dict[int, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []

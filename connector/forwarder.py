@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - exercised where httptools is not insta
 from cmg.cmtrace import log_fast
 from tunnel import ErrorCode, StreamResetError, TunnelClosedError, TunnelStream
 
+from .traffic import ConnectorTraffic
 from .url_map import UnmappedURL, UrlMap
 
 HOP_BY_HOP = frozenset({
@@ -335,7 +336,8 @@ class Forwarder:
     """Handles the streams the gateway opens on this connection point's tunnels."""
 
     def __init__(self, url_map: UrlMap, log: logging.Logger, pool_size: int,
-                 request_timeout: float = 600.0) -> None:
+                 request_timeout: float = 600.0, traffic: ConnectorTraffic | None = None) -> None:
+        self._traffic = traffic
         self._map = url_map
         self._timeout = request_timeout
         self._log = log
@@ -355,11 +357,14 @@ class Forwarder:
         start = time.monotonic()
         headers: list[tuple[bytes, bytes]] = []
         message_id = ""
+        bearer = False
         has_length = False
         for k, v in req.headers:
             lk = k.lower()
             if lk == _MESSAGE_ID_B:
                 message_id = v.decode("latin-1")
+            elif lk == b"authorization":
+                bearer = v[:7].lower() == b"bearer "
             if lk not in _HOP_BY_HOP_B:
                 if lk == b"content-length":
                     has_length = True
@@ -370,6 +375,21 @@ class Forwarder:
             self._log.warning("Refused proxy message %s: %s", message_id, exc)
             stream.reset(ErrorCode.REFUSED_STREAM, "not published")
             return
+        traffic = self._traffic
+        if traffic is not None:
+            traffic.begin(mapped.endpoint, bearer)
+        sent = [0]
+        status, size = 0, 0
+        try:
+            status, size = await self._forward(stream, req, mapped, headers, has_length, message_id, start, sent)
+        finally:
+            if traffic is not None:
+                ok = 0 < status < 500 and stream.reset_code is None
+                traffic.end(mapped.role.role_id, mapped.endpoint, ok, sent[0], size, time.monotonic() - start)
+
+    async def _forward(self, stream: TunnelStream, req: Any, mapped: Any, headers: list[tuple[bytes, bytes]],
+                       has_length: bool, message_id: str, start: float, sent: list[int]) -> tuple[int, int]:
+        """Forward one exchange; (status, response bytes), status 0 when there was no answer."""
         log = self._log
         if log.isEnabledFor(_INFO):
             log_fast(log, _INFO, "Forwarding proxy message %s to URL: %s", message_id, mapped.url)
@@ -377,6 +397,7 @@ class Forwarder:
                      mapped.external_prefix, mapped.internal_prefix)
 
         size = 0
+        status = 0
         status_line = ""
         conn: _Conn | None = None
         pump: asyncio.Task[None] | None = None
@@ -404,7 +425,7 @@ class Forwarder:
                 assert conn.transport is not None
                 conn.transport.write(head_bytes)
                 if has_body:
-                    pump = asyncio.ensure_future(self._pump(stream, conn, chunked))
+                    pump = asyncio.ensure_future(self._pump(stream, conn, chunked, sent))
                     watchdog = self._watch(conn)
                     await self._wait_head(conn, pump)
                     break
@@ -465,23 +486,23 @@ class Forwarder:
         except (StreamResetError, TunnelClosedError) as exc:
             self._log.info("Proxy message %s cancelled by the CMG after %d response bytes: %s",
                            message_id, size, exc)
-            return
+            return 0, size
         except asyncio.TimeoutError:
             self._log.warning("Proxy message %s to %s timed out: no data from the role for %.0f s",
                               message_id, mapped.url, self._timeout)
             stream.reset(ErrorCode.TIMEOUT, "site role timed out")
-            return
+            return 0, size
         except (OSError, ValueError, UnicodeError) as exc:
             if stream.reset_code is not None:  # the CMG reset the stream while the body flowed
                 self._log.info("Proxy message %s cancelled by the CMG after %d response bytes: %s",
                                message_id, size, exc)
-                return
+                return 0, size
             # Before the head: the gateway turns this into a 502; after it, the reset
             # cuts the client off rather than passing a truncated body as complete.
             self._log.warning("Proxy message %s to %s failed: %s: %s", message_id, mapped.url,
                               exc.__class__.__name__, exc)
             stream.reset(ErrorCode.UPSTREAM_ERROR, "site role failed")
-            return
+            return 0, size
         finally:
             if watchdog is not None:
                 watchdog.cancel()
@@ -495,6 +516,7 @@ class Forwarder:
                 "MessageID: %s RequestURI: %s EndpointName: %s ResponseHeader: %s ~~ ResponseBodySize: %d ElapsedTime: %d ms",
                 message_id, req.target, mapped.endpoint, status_line, size, (time.monotonic() - start) * 1000,
             )
+        return status, size
 
     def _watch(self, conn: _Conn) -> "_Watchdog":
         """Fails the exchange once the role was silent for request_timeout seconds."""
@@ -515,12 +537,13 @@ class Forwarder:
             await asyncio.wait({waiter, pump}, return_when=asyncio.FIRST_COMPLETED)
 
     @staticmethod
-    async def _pump(stream: TunnelStream, conn: _Conn, chunked: bool) -> None:
+    async def _pump(stream: TunnelStream, conn: _Conn, chunked: bool, sent: list[int]) -> None:
         """The client's body as it arrives through the tunnel; on any break the connection is
         closed, so the role never takes a cut-off body for a complete one."""
         try:
             while True:
                 chunk = await stream.read()
+                sent[0] += len(chunk)
                 transport = conn.transport
                 if conn.closed or transport is None:
                     raise conn.error or UpstreamError("the site role closed the connection")

@@ -135,3 +135,31 @@ def test_role_ids_survive_javascript(pair):
     dom = browse(pair.data["status_url"])
     for role in pair.data["roles"]:
         assert f"<td>{role['role_id']}</td>" in dom, role
+
+
+def test_connection_point_metrics_and_traffic_reports(stack_factory):
+    dep = stack_factory("cp-traffic", instances=1, connectors=1,
+                        overrides={"connection_point": {"traffic_report_interval": 1}})
+    r = subprocess.run([sys.executable, "-m", "cmg", "client", "--auth", "token", "--deployment",
+                        str(dep.dir / "deployment.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout
+    status, body = get(dep.data["metrics_urls"]["connector-CMGCP01"])
+    text = body.decode()
+    mp = dep.role("MP")["role_id"]
+    assert status == 200
+    assert f'cmg_connector_requests_total{{connection_point="CMGCP01",endpoint="ccm_system_tokenauth",role="{mp}"}}' in text
+    for family in ("cmg_connector_request_duration_seconds_bucket", "cmg_connector_response_bytes_total",
+                   "cmg_connector_tunnels", "cmg_connector_tunnel_connects_total", "cmg_connector_streams_in_flight"):
+        assert family in text, family
+    log = dep.path("logs_dir") / "SMS_Cloud_ProxyConnector_CMGCP01.log"
+    deadline = time.monotonic() + 10
+    while "ProxyTrafficStateDetails: EndpointName: ccm_system_tokenauth" not in log.read_text():
+        assert time.monotonic() < deadline, "no traffic report"
+        time.sleep(0.2)
+    line = next(l for l in log.read_text().splitlines() if "EndpointName: ccm_system_tokenauth TotalRequests:" in l)
+    assert "TotalRequestsWithBearerToken:" in line and "FailedRequests: 0" in line and "MaxConcurrentRequests:" in line
+    requests = int(line.split("TotalRequests: ")[1].split()[0])
+    bearer = int(line.split("TotalRequestsWithBearerToken: ")[1].split()[0])
+    assert requests >= 3 and bearer == requests  # every token client request carries its token
+    status, body = get(dep.data["metrics_urls"]["connector-CMGCP01"].replace("/metrics", "/readyz"))
+    assert status == 200 and json.loads(body)["ready"] is True
