@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -63,9 +64,26 @@ class CMTraceFileHandler(logging.FileHandler):
     Outside an event loop every record is flushed at once, as before.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, filename: Path, *args: Any, max_bytes: int = 0, **kwargs: Any) -> None:
+        super().__init__(filename, *args, **kwargs)
         self._flush_scheduled = False
+        # Size-based rollover as ConfigMgr does it: past max_bytes the file becomes
+        # NAME.lo_ (one history file, replaced each time) and a new NAME.log begins.
+        self._max_bytes = max_bytes
+        try:
+            self._size = os.path.getsize(self.baseFilename)
+        except OSError:
+            self._size = 0
+
+    def _roll_over(self) -> None:
+        self.flush()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None  # type: ignore[assignment]
+        base = self.baseFilename
+        os.replace(base, base[:-4] + ".lo_" if base.endswith(".log") else base + ".lo_")
+        self.stream = self._open()
+        self._size = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -76,6 +94,10 @@ class CMTraceFileHandler(logging.FileHandler):
                 else:
                     return
             self.stream.write(msg + self.terminator)
+            if self._max_bytes:
+                self._size += len(msg) + 1
+                if self._size > self._max_bytes:
+                    self._roll_over()
         except RecursionError:
             raise
         except Exception:
@@ -125,7 +147,7 @@ def log_fast(logger: logging.Logger, level: int, msg: str, *args: object) -> Non
 
 
 def open_log(logger_name: str, path: Path, component: str, fmt: str = "cmtrace",
-             level: int = logging.INFO, echo: bool = False) -> logging.Logger:
+             level: int = logging.INFO, echo: bool = False, max_bytes: int = 2 * 1024 * 1024) -> logging.Logger:
     """Attach a file handler writing ``path`` in CMTrace (or JSON) format to a logger.
 
     ``echo`` also writes the plain messages to stderr (for a component run by hand).
@@ -137,7 +159,7 @@ def open_log(logger_name: str, path: Path, component: str, fmt: str = "cmtrace",
     for h in list(logger.handlers):
         if getattr(h, "_cmg_path", None) == str(path):
             return logger
-    handler = CMTraceFileHandler(path, encoding="utf-8")
+    handler = CMTraceFileHandler(path, encoding="utf-8", max_bytes=max_bytes)
     handler.setFormatter(CMTraceFormatter(component) if fmt == "cmtrace" else JSONFormatter(component))
     handler._cmg_path = str(path)  # type: ignore[attr-defined]
     logger.addHandler(handler)

@@ -141,6 +141,7 @@ class GatewayConfig:
     tls: TLSFiles
     logs_dir: Path
     log_format: str
+    log_max_bytes: int
     limits: TunnelLimits
     max_request_body: int
     drain_timeout: float
@@ -175,6 +176,7 @@ class ConnectionPointConfig:
     roles: tuple[RoleConfig, ...]
     logs_dir: Path
     log_format: str
+    log_max_bytes: int
     limits: TunnelLimits
     reconnect_min: float
     reconnect_max: float
@@ -201,6 +203,7 @@ class SiteConfig:
     data_dir: Path
     logs_dir: Path
     log_format: str
+    log_max_bytes: int
     entra_port: int
     client_auth: ClientAuthConfig
     token_signing_certificate: Path
@@ -272,7 +275,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "tunnel": {f.name: (int, float) if f.type == "float" else int
                for f in dataclasses.fields(TunnelLimits)},
-    "logging": {"dir": str, "format": str},
+    "logging": {"dir": str, "format": str, "max_size": int},
     "client_auth": {
         "verify_revocation": bool,
         "crl_unavailable": str,
@@ -385,6 +388,7 @@ class Deployment:
     limits: TunnelLimits = TunnelLimits()
     logs_dir: str = "logs"
     log_format: str = "cmtrace"
+    log_max_bytes: int = 2 * 1024 * 1024
 
     # --- derived parts, one per component ---
 
@@ -470,6 +474,7 @@ class Deployment:
             tls=self.tls_files(),
             logs_dir=self.path(self.logs_dir),
             log_format=self.log_format,
+            log_max_bytes=self.log_max_bytes,
             limits=self.limits,
             max_request_body=self.max_request_body,
             drain_timeout=self.drain_timeout,
@@ -504,6 +509,7 @@ class Deployment:
             roles=self.roles,
             logs_dir=self.path(self.logs_dir),
             log_format=self.log_format,
+            log_max_bytes=self.log_max_bytes,
             limits=self.limits,
             reconnect_min=self.reconnect_min,
             reconnect_max=self.reconnect_max,
@@ -529,6 +535,7 @@ class Deployment:
             data_dir=self.path(self.data_dir),
             logs_dir=self.path(self.logs_dir),
             log_format=self.log_format,
+            log_max_bytes=self.log_max_bytes,
             entra_port=self.entra_port,
             client_auth=self.client_auth(),
             token_signing_certificate=self.certs_dir / "token-signing.pem",
@@ -753,6 +760,10 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
     if fmt not in ("cmtrace", "json"):
         raise ConfigError(f"'logging.format' must be 'cmtrace' or 'json', not {fmt!r}")
     kw["log_format"] = fmt
+    if "max_size" in logging_:
+        if not 10_000 <= logging_["max_size"] <= 2**31:
+            raise ConfigError(f"'logging.max_size' must be 10000 to 2147483648 bytes, not {logging_['max_size']}")
+        kw["log_max_bytes"] = logging_["max_size"]
     return Deployment(**kw)
 
 

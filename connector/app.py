@@ -41,7 +41,8 @@ class ConnectionPoint:
         self.config = config
         self._status = status
         self.log = open_log(f"connector.{config.name}", config.logs_dir / f"SMS_Cloud_ProxyConnector_{config.name}.log",
-                            "SMS_Cloud_ProxyConnector", config.log_format, echo=echo)
+                            "SMS_Cloud_ProxyConnector", config.log_format, echo=echo,
+                            max_bytes=config.log_max_bytes)
         self.traffic = ConnectorTraffic(config.name)
         self._monitoring: web.AppRunner | None = None
         self.monitoring_port = 0

@@ -50,7 +50,7 @@ class GatewayInstance:
         self.config = config
         suffix = f"_IN_{config.instance}" if config.instances > 1 else ""
         self.log = open_log(f"gateway.{config.instance}", config.logs_dir / f"CMGService{suffix}.log",
-                            "CMGService", config.log_format, echo=echo)
+                            "CMGService", config.log_format, echo=echo, max_bytes=config.log_max_bytes)
         self.routes = Routes()
         self.instance_name = f"ProxyService_IN_{config.instance}"
         self.started_at = time.time()

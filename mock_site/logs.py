@@ -32,13 +32,14 @@ class SiteLogs:
     """One logger per log file. Logger names carry an instance number so two sites in
     one process (tests) never write into each other's files."""
 
-    def __init__(self, logs_dir: Path, fmt: str = "cmtrace", echo: bool = False) -> None:
+    def __init__(self, logs_dir: Path, fmt: str = "cmtrace", echo: bool = False,
+                 max_bytes: int = 2 * 1024 * 1024) -> None:
         self._prefix = f"mock_site.{next(_instances)}"
         self._loggers: dict[str, logging.Logger] = {}
         for key, (file_name, component) in LOG_FILES.items():
             self._loggers[key] = open_log(
                 f"{self._prefix}.{key}", logs_dir / file_name, component, fmt,
-                echo=echo and key == "site",
+                echo=echo and key == "site", max_bytes=max_bytes,
             )
 
     def __getattr__(self, key: str) -> logging.Logger:

@@ -97,7 +97,7 @@ async def start_site(config: SiteConfig, *, bgb_hold: float = 300.0, ports_file:
     """Start the MP, SUP and DP servers on ``config.bind``; raises ``OSError`` if a port is taken."""
     loop = asyncio.get_running_loop()
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    logs = SiteLogs(config.logs_dir, config.log_format, echo=echo)
+    logs = SiteLogs(config.logs_dir, config.log_format, echo=echo, max_bytes=config.log_max_bytes)
     mp_name = next((r.name for r in config.roles if r.kind == "MP"), "MP01")
     certs = await loop.run_in_executor(None, load_or_create, config.data_dir, config.site_code, mp_name)
     clients = ClientRegistry(config.data_dir / "clients.jsonl")
