@@ -7,6 +7,7 @@
     cmg analyze       the Connection Analyzer
     cmg status        instances, connection points and traffic, as the console shows them
     cmg bench         the throughput benchmark
+    cmg soak          a bounded soak under injected faults
     cmg gateway | connector | site   run one component in the foreground
 """
 
@@ -165,14 +166,16 @@ def _on_deployment(command: str, module: str) -> Callable[[argparse.Namespace], 
 def _component(module: str, rest: list[str]) -> int:
     import importlib
 
-    main = importlib.import_module(f"{module}.__main__").main
+    mod = importlib.import_module(module)
+    main = getattr(mod, "main", None) or importlib.import_module(f"{module}.__main__").main
     return int(main(rest))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("gateway", "connector", "site", "bench"):
-        return _component("mock_site" if argv[0] == "site" else argv[0], argv[1:])
+    if argv and argv[0] in ("gateway", "connector", "site", "bench", "soak"):
+        module = {"site": "mock_site", "soak": "cmg.soak"}.get(argv[0], argv[0])
+        return _component(module, argv[1:])
 
     parser = argparse.ArgumentParser(prog="cmg", description="ConfigMgr Cloud Management Gateway emulator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     tnew.add_argument("--deployment", default=None, help="deployment.json of a running stack (uses its configuration)")
     tnew.set_defaults(func=_token_new)
 
+    sub.add_parser("soak", help="a bounded soak under injected faults (cmg soak --help)")
     sub.add_parser("bench", help="the benchmark: CMG path vs direct, nginx and an SSH reverse tunnel (cmg bench --help)")
     sub.add_parser("gateway", help="run one gateway instance (python -m gateway --help)")
     sub.add_parser("connector", help="run one connection point (python -m connector --help)")
