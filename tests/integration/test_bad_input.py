@@ -4,16 +4,18 @@ clear answer and harms nobody else (the process lives, other clients carry on)."
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import time
+import urllib.request
 
 import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage
 
 from tunnel import Frame, FrameType, PublishedRole, Role, TunnelProtocol
 
@@ -205,3 +207,39 @@ def test_fuzzed_request_heads_get_an_answer_or_a_close_and_the_gateway_lives(sin
             reason = line.split(b" ", 2)[2] if line.count(b" ") >= 2 else b""
             assert reason.startswith(b"CMG") or code in (400, 404, 501), line  # the CMG's own words, or the MP's
     assert single.stack.process("gateway-0").alive()
+
+
+def test_a_stalled_request_body_is_cut_off_and_never_reaches_the_mp_complete(stack_factory):
+    dep = stack_factory("slow-body", instances=1, connectors=1, overrides={"service": {"client_body_timeout": 2}})
+    job = "{" + "0" * 8 + "-0000-0000-0000-" + "1" * 12 + "}"
+    path = dep.mp_path(f"CCM_Incoming/{job}")
+    head = (f"BITS_POST {path} HTTP/1.1\r\nHost: {dep.service_name}\r\nBITS-Packet-Type: Create-Session\r\n"
+            "BITS-Supported-Protocols: {7df0354d-249b-430f-820d-3d2a9bef4931}\r\nContent-Length: 0\r\n\r\n")
+    answer = raw_exchange(dep, head.encode(), wait=5)
+    session = [l.split(b": ", 1)[1] for l in answer.split(b"\r\n") if l.lower().startswith(b"bits-session-id")][0]
+    fragment = (f"BITS_POST {path} HTTP/1.1\r\nHost: {dep.service_name}\r\nBITS-Packet-Type: Fragment\r\n"
+                f"BITS-Session-Id: {session.decode()}\r\nContent-Range: bytes 0-99999/100000\r\n"
+                "Content-Length: 100000\r\n\r\n").encode() + b"x" * 1000  # then nothing more
+    t0 = time.monotonic()
+    answer = raw_exchange(dep, fragment, wait=20)
+    assert time.monotonic() - t0 < 10, "the stalled body was not cut off"
+    assert b" 200 " not in status_line(answer)
+    with urllib.request.urlopen(f"{dep.role('MP')['internal_url']}/_mock/uploads", timeout=5) as r:
+        uploads = json.loads(r.read())
+    ups = uploads if isinstance(uploads, list) else uploads.get("uploads", [])
+    assert not [u for u in ups if u.get("name") == job and u.get("complete")]
+    assert "Request body broke off after 1000 bytes: stalled for 2 s" in (dep.path("logs_dir") / "CMGService.log").read_text()
+
+
+def test_a_tunnel_without_a_certificate_is_refused_at_the_handshake(single):
+    url = f"wss://127.0.0.1:{single.data['tunnel_ports'][0]}/CMGTunnel"
+    ctx = ssl.create_default_context(cafile=str(single.path("ca_cert")))  # no client certificate
+
+    async def attempt() -> None:
+        async with connect(url, ssl=ctx, server_hostname=single.service_name,
+                           subprotocols=["cmg-tunnel.v1"], proxy=None) as ws:
+            await ws.recv()
+
+    with pytest.raises((ssl.SSLError, OSError, ConnectionClosed, InvalidMessage)):
+        asyncio.run(attempt())
+    asyncio.run(still_serving(single))
