@@ -153,7 +153,9 @@ class GatewayConfig:
     max_connections: int  # client TLS connections per instance; more are closed at once
     monitoring_bind: str  # /metrics, /healthz, /readyz, /status: never on the client port
     monitoring_base_port: int  # instance i: base + i
-    monitoring_peer_host: str  # where this instance finds its peers' monitoring ports
+    # Where instance i's monitoring port is reached: connection_point.gateway_hosts when
+    # each instance has a host of its own (containers), else the monitoring address.
+    monitoring_peer_hosts: tuple[str, ...]
     listen_grace: float  # at start, wait this long for a connection point before taking clients
 
     @property
@@ -486,7 +488,10 @@ class Deployment:
             max_connections=self.max_connections,
             monitoring_bind=self.monitoring_bind,
             monitoring_base_port=self.monitoring_base_port,
-            monitoring_peer_host=self.monitoring_bind if self.monitoring_bind not in ("0.0.0.0", "::") else "127.0.0.1",
+            monitoring_peer_hosts=self.connection_point(self.connection_point_names[0]).gateway_hosts
+            if self.gateway_hosts
+            else (self.monitoring_bind if self.monitoring_bind not in ("0.0.0.0", "::") else "127.0.0.1",)
+            * self.instances,
             listen_grace=self.listen_grace,
         )
 

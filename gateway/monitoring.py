@@ -134,7 +134,7 @@ class MonitoringServer:
         async def peer(i: int) -> dict[str, Any]:
             if i == cfg.instance:
                 return me
-            url = f"http://{cfg.monitoring_peer_host}:{cfg.monitoring_base_port + i}/status.json"
+            url = f"http://{cfg.monitoring_peer_hosts[i]}:{cfg.monitoring_base_port + i}/status.json"
             assert self._session is not None
             try:
                 async with self._session.get(url) as r:

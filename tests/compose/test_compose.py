@@ -152,6 +152,18 @@ def test_client_profile_runs_a_cycle(deployment: Deployment) -> None:
     assert "SMS_ActiveMPCandidate" in r.stdout or "MPLIST" in r.stdout, r.stdout
 
 
+def test_status_page_sees_both_instances_and_both_connection_points(deployment: Deployment) -> None:
+    probe = ("import json, urllib.request; "
+             "print(urllib.request.urlopen('http://127.0.0.1:9124/status/all.json', timeout=10).read().decode())")
+    r = deployment.exec("gateway-0", "python", "-c", probe)
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert status["status"] == "Ready", status
+    assert [i["status"] for i in status["instances"]] == ["Ready", "Ready"]
+    for cp in status["connection_points"]:
+        assert set(cp["instances"].values()) == {"Connected"}, cp
+
+
 def test_client_from_the_host_through_the_published_port(deployment: Deployment, tmp_path: Path) -> None:
     volume = f"{PROJECT}_client-kit"
     mount = Path(json.loads(deployment.podman("volume", "inspect", volume).stdout)[0]["Mountpoint"])
