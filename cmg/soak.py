@@ -892,7 +892,9 @@ def main(argv: list[str] | None = None) -> int:
 
     directory = opts.dir or Path(tempfile.mkdtemp(prefix="cmg-soak-"))
     directory.mkdir(parents=True, exist_ok=True)
-    stack = Stack(directory, port=0, instances=2, connectors=2)
+    # Big logs: the reconciliation reads the MP's logs, which must not roll over meanwhile.
+    stack = Stack(directory, port=0, instances=2, connectors=2,
+                  overrides={"logging": {"max_size": 2**31}})
     print(f"cmg soak: starting a stack in {directory} (2 instances, 2 connection points)", flush=True)
     report: dict[str, Any] | None = None
     try:
