@@ -272,6 +272,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "drain_timeout": (int, float),
         "request_timeout": (int, float),
         "monitoring_base_port": int,
+        "monitoring_bind": str,
         "gateway_hosts": list,
         "traffic_report_interval": (int, float),
     },
@@ -385,6 +386,7 @@ class Deployment:
     cp_drain_timeout: float = 30.0
     request_timeout: float = 600.0
     cp_monitoring_base_port: int = 9224
+    cp_monitoring_bind: str = "127.0.0.1"  # a connection point listens on nothing but loopback
     gateway_hosts: tuple[str, ...] = ()  # empty: the gateway's bind address (loopback for 0.0.0.0)
     traffic_report_interval: float = 300.0
     limits: TunnelLimits = TunnelLimits()
@@ -521,7 +523,7 @@ class Deployment:
             pool_size=self.pool_size,
             drain_timeout=self.cp_drain_timeout,
             request_timeout=self.request_timeout,
-            monitoring_bind=self.monitoring_bind,
+            monitoring_bind=self.cp_monitoring_bind,
             monitoring_port=self.cp_monitoring_base_port + self.connection_point_names.index(name),
             traffic_report_interval=self.traffic_report_interval,
         )
@@ -737,6 +739,8 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
                 f"instance ({instances}), not {hosts!r}"
             )
         kw["gateway_hosts"] = tuple(hosts)
+    if "monitoring_bind" in cp:
+        kw["cp_monitoring_bind"] = _address("connection_point.monitoring_bind", cp["monitoring_bind"])
     if "monitoring_base_port" in cp:
         kw["cp_monitoring_base_port"] = _port("connection_point.monitoring_base_port", cp["monitoring_base_port"])
     if "pool_size" in cp:

@@ -110,6 +110,10 @@ def can_bind(host: str, port: int) -> bool:
     return True
 
 
+def _connect_host(bind: str) -> str:
+    return bind if bind not in ("0.0.0.0", "::") else "127.0.0.1"
+
+
 class Stack:
     """A running deployment; use as a context manager or call start()/stop()."""
 
@@ -180,7 +184,7 @@ class Stack:
             taken |= set(range(service["tunnel_base_port"], service["tunnel_base_port"] + first.instances))
             taken |= set(range(service["monitoring_base_port"], service["monitoring_base_port"] + first.instances))
             cp_raw = raw.setdefault("connection_point", {})
-            cp_raw["monitoring_base_port"] = free_port_run(len(first.connection_point_names), first.monitoring_bind)
+            cp_raw["monitoring_base_port"] = free_port_run(len(first.connection_point_names), first.cp_monitoring_bind)
             taken |= set(range(cp_raw["monitoring_base_port"],
                                cp_raw["monitoring_base_port"] + len(first.connection_point_names)))
             site = raw.setdefault("site", {})
@@ -432,7 +436,7 @@ class Stack:
             "metrics_urls": {
                 **{f"gateway-{i}": f"http://{mon_host}:{d.monitoring_base_port + i}/metrics"
                    for i in range(d.instances)},
-                **{f"connector-{n}": f"http://{mon_host}:{d.connection_point(n).monitoring_port}/metrics"
+                **{f"connector-{n}": f"http://{_connect_host(d.cp_monitoring_bind)}:{d.connection_point(n).monitoring_port}/metrics"
                    for n in d.connection_point_names},
             },
         }
