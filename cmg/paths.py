@@ -54,7 +54,7 @@ def _parse(raw_path: str) -> ClientPath | None:
         return None
     path, _, query = rest.partition("?")
     head, _, tail = path.partition("/")
-    if head.isdigit():
+    if head.isascii() and head.isdigit():  # "²".isdigit() is True, int("²") fails
         role_id = int(head)
         if not ROLE_ID_BASE < role_id < 2 * ROLE_ID_BASE:
             return ClientPath(channel, None, head, rest)

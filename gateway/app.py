@@ -66,6 +66,7 @@ class GatewayInstance:
         self.tokens: TokenAuthenticator | None = None
         self._connections: set[TLSServerProtocol] = set()
         self._first_connection_point = asyncio.Event()
+        self._stopping = False
         self._listening: asyncio.Future[None] | None = None
         self._refused_connections = 0
 
@@ -87,7 +88,8 @@ class GatewayInstance:
 
         site_crls = CRLStore((cfg.tls.connection_point_ca.with_name("site-ca.crl"),)) if auth.verify_revocation else None
         self.tunnels = TunnelEndpoint(cfg, self.routes, tunnel_context(cfg.tls), self.log, site_crls,
-                                      on_connect=self._connection_point_connected)
+                                      on_connect=self._connection_point_connected,
+                                      before_welcome=self._serve_clients)
         await self.tunnels.start()
 
         self.handler = ClientRequestHandler(cfg, self.routes, verifier, self.tokens, self.summary, self.log)
@@ -128,7 +130,13 @@ class GatewayInstance:
         except asyncio.TimeoutError:
             self.log.warning("No connection point after %.0f s: taking clients anyway (they will get 503 "
                              "until one connects)", self.config.listen_grace)
-        assert self._server is not None
+        await self._serve_clients()
+
+    async def _serve_clients(self) -> None:
+        """Open the client listener (once): before the first connection point is welcomed."""
+        self._first_connection_point.set()
+        if self._server is None or self._server.is_serving() or self._stopping:
+            return
         await self._server.start_serving()
         self.log.info("Taking client connections on %s:%d", self.config.bind, self.client_port)
 
@@ -164,6 +172,7 @@ class GatewayInstance:
         close after their response, finish what is in flight (up to drain_timeout), then
         leave. The tunnels stay usable until the end, so nothing in flight gets a 503."""
         cfg = self.config
+        self._stopping = True
         if self._listening is not None:
             self._listening.cancel()
         if self._server is not None:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import ssl
-from typing import Callable
+from typing import Awaitable, Callable
 from http import HTTPStatus
 
 from cryptography import x509
@@ -42,9 +42,11 @@ class TunnelEndpoint:
 
     def __init__(self, config: GatewayConfig, routes: Routes, ssl_context: ssl.SSLContext,
                  log: logging.Logger, crls: CRLStore | None = None,
-                 on_connect: Callable[[ConnectorLink], None] | None = None) -> None:
+                 on_connect: Callable[[ConnectorLink], None] | None = None,
+                 before_welcome: Callable[[], Awaitable[None]] | None = None) -> None:
         self._crls = crls
         self._on_connect = on_connect
+        self._before_welcome = before_welcome
         self._config = config
         self._routes = routes
         self._ssl = ssl_context
@@ -154,6 +156,10 @@ class TunnelEndpoint:
                 self._log.warning("Refused connection point %s at %s: %s", hello.connection_point, peer, overreach)
                 await session.close(ErrorCode.PROTOCOL_ERROR, "publishes endpoints the site does not")
                 return
+            if self._before_welcome is not None:
+                # e.g. the instance opens its client listener: once a connection point
+                # holds a WELCOME, clients can reach what it serves.
+                await self._before_welcome()
             session.send_welcome(self.instance_name)
             link = ConnectorLink(
                 name=hello.connection_point, site_code=hello.site_code, session=session,

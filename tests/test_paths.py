@@ -27,3 +27,10 @@ def test_role_id_outside_2_56_range_is_not_a_role():
 def test_dot_segments_and_backslashes_are_malformed():
     for tail in ("SMS_MP/../_mock/uploads", "SMS_MP/%2e%2e/_mock", "SMS_MP/.\\x", "SMS_MP/./x"):
         assert parse_client_path(f"/CCM_Proxy_MutualAuth/{MP}/{tail}").malformed, tail
+
+
+def test_non_ascii_digits_are_not_a_role_id():
+    # found by hypothesis: "²".isdigit() is True but int("²") raises
+    for head in ("²", "٣", "１２"):
+        cp = parse_client_path(f"/CCM_Proxy_MutualAuth/{head}/SMS_MP/x")
+        assert cp is not None and cp.role_id is None
