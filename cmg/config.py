@@ -338,6 +338,14 @@ def _port(where: str, value: int, allow_zero: bool = False) -> int:
     return value
 
 
+def _port_run(where: str, base: int, count: int) -> int:
+    """A base port with room for ``count`` ports (one per instance)."""
+    _port(where, base)
+    if base + count - 1 > 65535:
+        raise ConfigError(f"'{where}' {base} leaves no port for instance {count - 1}")
+    return base
+
+
 def _positive(where: str, value: float) -> float:
     if value <= 0:
         raise ConfigError(f"'{where}' must be greater than 0, not {value}")
@@ -632,16 +640,13 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
     if not 1 <= instances <= MAX_INSTANCES:
         raise ConfigError(f"'service.instances' must be 1 to {MAX_INSTANCES}, not {instances}")
     kw["instances"] = instances
-    for key in ("bind",):
-        if key in service:
-            kw["bind"] = _address(f"service.{key}", service[key])
+    if "bind" in service:
+        kw["bind"] = _address("service.bind", service["bind"])
     if "client_port" in service:
         kw["client_port"] = _port("service.client_port", service["client_port"])
-    if "tunnel_base_port" in service:
-        base = _port("service.tunnel_base_port", service["tunnel_base_port"])
-        if base + instances - 1 > 65535:
-            raise ConfigError(f"'service.tunnel_base_port' {base} leaves no port for instance {instances - 1}")
-        kw["tunnel_base_port"] = base
+    for key in ("tunnel_base_port", "monitoring_base_port"):
+        if key in service:
+            kw[key] = _port_run(f"service.{key}", service[key], instances)
     if "enforce_tls12" in service:
         kw["enforce_tls12"] = service["enforce_tls12"]
     if "max_request_body" in service:
@@ -655,11 +660,6 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
         kw["listen_grace"] = float(service["listen_grace"])
     if "monitoring_bind" in service:
         kw["monitoring_bind"] = _address("service.monitoring_bind", service["monitoring_bind"])
-    if "monitoring_base_port" in service:
-        base = _port("service.monitoring_base_port", service["monitoring_base_port"])
-        if base + instances - 1 > 65535:
-            raise ConfigError(f"'service.monitoring_base_port' {base} leaves no port for instance {instances - 1}")
-        kw["monitoring_base_port"] = base
     if "max_connections" in service:
         kw["max_connections"] = int(_positive("service.max_connections", service["max_connections"]))
 

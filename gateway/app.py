@@ -141,7 +141,6 @@ class GatewayInstance:
         self.log.info("Taking client connections on %s:%d", self.config.bind, self.client_port)
 
     def _connection_point_connected(self, link: ConnectorLink) -> None:
-        self._first_connection_point.set()
         self.known_connection_points.add(link.name)
         self.metrics.tunnel_connects.labels(str(self.config.instance), link.name).inc()
 
