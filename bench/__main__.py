@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import profile as profiling
 from . import report, scenarios, sysdeps, workloads
+from .idle import raise_nofile
 from .load import GeneratorError, Generators, build_shim
 from .servers import Backend, ServerError
 
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--generator-cpus", default="1",
                    help="CPU list the load generators are pinned to with taskset ('' = no pinning; default 1)")
     p.add_argument("--large-mib", type=int, default=100, help="size of the bulk transfer file in MiB (default 100)")
+    p.add_argument("--idle-connections", type=int,
+                   help=f"idle TLS connections for idle-6000 (default {workloads.IDLE_CONNECTIONS:,}; "
+                        f"--quick {workloads.QUICK_IDLE_CONNECTIONS:,})")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="py-spy the gateway and connection points during an extra 64-connection run")
     p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs) afterwards")
@@ -65,7 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         bulk_reps=args.reps or 3,
         connections=conns,
         workloads=chosen,
+        # The mix, the handshakes without a client certificate and idle-6000 are kept
+        # short in --quick: one repetition each, fewer idle connections.
+        extra_reps=args.reps or (1 if args.quick else None),
+        idle_connections=args.idle_connections or (workloads.QUICK_IDLE_CONNECTIONS if args.quick
+                                                   else workloads.IDLE_CONNECTIONS),
+        large_size=args.large_mib * MiB,
     )
+    if settings.idle_connections < 1:
+        print("bench: --idle-connections must be at least 1", file=sys.stderr)
+        return 2
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -88,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             print("bench: --profile needs py-spy: pip install py-spy", file=sys.stderr)
             return 2
 
+    if "idle-6000" in chosen:
+        # The generator holds every idle connection, and the servers started below
+        # inherit this limit (nginx raises its own: worker_rlimit_nofile).
+        limit = raise_nofile(settings.idle_connections + 4096)
+        if limit < settings.idle_connections + 256:
+            print(f"bench: the open-files limit is {limit}, too low for {settings.idle_connections:,} idle "
+                  "connections; lower --idle-connections or raise ulimit -n", file=sys.stderr)
+            return 2
     previous = signal.signal(signal.SIGTERM, _sigterm)
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     workdir = Path(tempfile.mkdtemp(prefix="cmg-bench-", dir=base))
@@ -103,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         shim = build_shim(tools["gcc"], workdir / "wrk_clientcert.so")
         backend = Backend(tools["nginx"], workdir, scenarios.server_tls(certs), args.large_mib * MiB).start()
         progress(f"backend nginx: http :{backend.http_port}, https :{backend.https_port}")
-        shared = scenarios.Shared(tools, workdir, certs, backend)
+        shared = scenarios.Shared(tools, workdir, certs, backend,
+                                  max_client_connections=max(20000, settings.idle_connections + 2000))
         gen = Generators(tools["wrk"], tools["curl"], workdir, tools["taskset"], args.generator_cpus or None, shim)
         for name in names:
             progress(f"starting {name}")

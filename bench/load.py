@@ -15,6 +15,7 @@ import resource
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,11 +56,19 @@ class Target:
     host: str  # Host header and SNI
     prefix: str  # path prefix in front of /SMS_DP_SMSPKG$/bench/...
     ca: Path
-    client_cert: Path
-    client_key: Path
+    client_cert: Path | None  # None: no client certificate is presented
+    client_key: Path | None
+    # Extra request headers ("Name: value"), e.g. the bearer token of the CMG's
+    # CCM_Proxy_ServerAuth path.
+    headers: tuple[str, ...] = ()
 
     def path(self, tail: str) -> str:
         return f"{self.prefix}{tail}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.url.removeprefix("https://").rpartition(":")
+        return host, int(port)
 
 
 @dataclass
@@ -121,9 +130,15 @@ class Generators:
         self.script.write_text(WRK_SCRIPT)
 
     def _ssl_env(self, target: Target, full_handshake: bool = False) -> dict[str, str]:
-        return dict(os.environ, LD_PRELOAD=str(self.shim), BENCH_CLIENT_CERT=str(target.client_cert),
-                    BENCH_CLIENT_KEY=str(target.client_key),
-                    BENCH_FULL_HANDSHAKE="1" if full_handshake else "0")
+        env = dict(os.environ, LD_PRELOAD=str(self.shim), BENCH_FULL_HANDSHAKE="1" if full_handshake else "0")
+        if target.client_cert is None:
+            env["BENCH_NO_CLIENT_CERT"] = "1"
+            env.pop("BENCH_CLIENT_CERT", None)
+            env.pop("BENCH_CLIENT_KEY", None)
+        else:
+            env.update(BENCH_NO_CLIENT_CERT="0", BENCH_CLIENT_CERT=str(target.client_cert),
+                       BENCH_CLIENT_KEY=str(target.client_key))
+        return env
 
     def wrk_get(self, target: Target, tail: str, connections: int, seconds: float,
                 new_connection: str | None = None) -> WrkResult:
@@ -138,6 +153,8 @@ class Generators:
         argv = [*self.pin, self.wrk, "-t", str(threads), "-c", str(connections),
                 "-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(self.script),
                 "-H", f"Host: {target.host}"]
+        for h in target.headers:
+            argv += ["-H", h]
         if new_connection:
             argv += ["-H", "Connection: close"]
         argv.append(target.url + target.path(tail))
@@ -155,6 +172,21 @@ class Generators:
             errors=errors, non_2xx=int(raw["status"]), p50_ms=raw["p50_us"] / 1000,
             p99_ms=raw["p99_us"] / 1000, p999_ms=raw["p999_us"] / 1000, generator_cpu_s=cpu, raw=raw,
         )
+
+    def mix(self, config: dict[str, object], timeout: float) -> tuple[dict[str, object], float]:
+        """Runs the ConfigMgr mix generator (``python -m bench.mix``, pinned like wrk): its
+        JSON result and the CPU seconds the process used (set-up included)."""
+        root = Path(__file__).resolve().parent.parent
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        argv = [*self.pin, sys.executable, "-m", "bench.mix", json.dumps(config)]
+        before = _children_cpu()
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
+        cpu = _children_cpu() - before
+        for line in done.stdout.splitlines():
+            if line.startswith("MIXJSON "):
+                return dict(json.loads(line[len("MIXJSON "):])), cpu
+        raise GeneratorError(f"the mix generator exited with {done.returncode}: "
+                             f"{(done.stderr or done.stdout).strip()[-600:]}")
 
     def curl_transfer(self, target: Target, tail: str, upload: Path | None = None,
                       timeout: float = 300) -> tuple[int, int, float, float]:

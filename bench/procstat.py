@@ -54,6 +54,14 @@ def _rss(procs: list[psutil.Process]) -> int:
     return total // 1024
 
 
+def group_rss_kb(pids: list[int]) -> int:
+    """Summed RSS (KiB) of the process trees rooted at ``pids`` now."""
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        procs.extend(_tree(pid))
+    return _rss(procs)
+
+
 def _own_cpu() -> float:
     # The benchmark's own process (probe thread, this sampler) is not "other" work.
     t = psutil.Process().cpu_times()

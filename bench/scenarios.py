@@ -8,10 +8,13 @@ everything it started on exit, on an error or on Ctrl-C alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from cmg import config as cmg_config
 from cmg import pki
 from cmg.config import ROLE_ID_BASE
 from cmg.launcher import Stack, free_port, free_port_run
@@ -20,6 +23,7 @@ from . import nginx_conf
 from .load import Target
 from .servers import Backend, Nginx, SshTunnel
 
+MP_ROLE_ID = ROLE_ID_BASE + 3
 DP_ROLE_ID = ROLE_ID_BASE + 6
 SCENARIOS = ("direct", "cmg-1i1c", "cmg-2i2c", "nginx", "ssh-tunnel")
 CONNECTION_POINTS = ("CMGCP01", "CMGCP02")
@@ -34,6 +38,9 @@ class Shared:
     certs: Path
     backend: Backend
     service_name: str = pki.DEFAULT_SERVICE_NAME
+    # The gateway's cap on client TLS connections per instance (service.max_connections):
+    # above what idle-6000 opens, plus the other workloads' connections.
+    max_client_connections: int = 20000
 
     @property
     def tls(self) -> nginx_conf.TLSFiles:
@@ -51,6 +58,30 @@ class Running:
     target: Target
     groups: dict[str, Callable[[], list[int]]]
     description: str
+    # The same files without a client certificate (handshake-*-nocert): for the CMG the
+    # CCM_Proxy_ServerAuth path with a site-issued CCM token in Authorization: Bearer.
+    nocert: Target | None = None
+    # The ConfigMgr mix (cmgmix): the management point's path prefix on this scenario
+    # (None: there is no ConfigMgr site behind it).
+    mp_prefix: str | None = None
+    # The process group that holds the client TLS connections (idle-6000's RSS per connection).
+    serving_group: str = "backend"
+
+
+def without_cert(target: Target, prefix: str | None = None, headers: tuple[str, ...] = ()) -> Target:
+    """``target`` with no client certificate (and another path prefix / extra headers)."""
+    return dataclasses.replace(target, client_cert=None, client_key=None,
+                               prefix=target.prefix if prefix is None else prefix, headers=headers)
+
+
+def ccm_token(stack: Stack) -> str:
+    """A CCM token as the site's ``CCM_STS`` issues it (8 hours), signed with the site's
+    token-signing key from the stack's resolved configuration."""
+    from cmg.site_tokens import load_signer
+
+    deployment = cmg_config.load(stack.resolved_path, base_dir=stack.dir)
+    device = str(uuid.uuid5(uuid.NAMESPACE_DNS, "bench-client.cmg"))
+    return load_signer(deployment.site).ccm_token(device, extra={"deviceid": device, "idtyp": "device"})
 
 
 def init_pki(certs: Path) -> Path:
@@ -70,7 +101,8 @@ def server_tls(certs: Path) -> nginx_conf.TLSFiles:
                                client_ca=certs / "bench-client-cas.pem")
 
 
-def cmg_overrides(certs: Path, backend_url: str, instances: int) -> dict[str, dict[str, object]]:
+def cmg_overrides(certs: Path, backend_url: str, instances: int,
+                  max_connections: int = 20000) -> dict[str, dict[str, object]]:
     """Stack overrides: the DP role points at the backend; MP and SUP stay on the mock site.
 
     Roles given here replace the default roles, so all three are listed; the mock site
@@ -78,10 +110,12 @@ def cmg_overrides(certs: Path, backend_url: str, instances: int) -> dict[str, di
     """
     mp_port, sup_port, dp_port = free_port(), free_port(), free_port()
     return {
-        "service": {"tunnel_base_port": free_port_run(instances)},
+        "service": {"tunnel_base_port": free_port_run(instances), "max_connections": max_connections},
         "certificates": {"dir": str(certs)},
         "site": {
-            "mp_port": mp_port, "sup_port": sup_port, "dp_port": dp_port,
+            # The mock Entra ID tenant's port too: its default (8006) may be taken by
+            # another stack on the machine.
+            "mp_port": mp_port, "sup_port": sup_port, "dp_port": dp_port, "entra_port": free_port(),
             "roles": [
                 {"role_id": ROLE_ID_BASE + 3, "kind": "MP", "name": "MP01",
                  "internal_url": f"http://127.0.0.1:{mp_port}"},
@@ -97,8 +131,9 @@ def cmg_overrides(certs: Path, backend_url: str, instances: int) -> dict[str, di
 @contextlib.contextmanager
 def direct(shared: Shared) -> Iterator[Running]:
     be = shared.backend
-    yield Running("direct", shared.target(be.https_port), {"backend": lambda: [be.nginx.proc.pid]},
-                  "HTTPS straight to the backend nginx")
+    target = shared.target(be.https_port)
+    yield Running("direct", target, {"backend": lambda: [be.nginx.proc.pid]},
+                  "HTTPS straight to the backend nginx", nocert=without_cert(target), serving_group="backend")
 
 
 @contextlib.contextmanager
@@ -108,7 +143,7 @@ def cmg(shared: Shared, instances: int, connectors: int) -> Iterator[Running]:
     d.mkdir(parents=True, exist_ok=True)
     stack = Stack(d, port=free_port(), instances=instances, connectors=connectors,
                   overrides=cmg_overrides(shared.certs, f"http://127.0.0.1:{shared.backend.http_port}",
-                                          instances))
+                                          instances, shared.max_client_connections))
     stack.start()
     try:
         def pids(kind: str) -> Callable[[], list[int]]:
@@ -116,10 +151,14 @@ def cmg(shared: Shared, instances: int, connectors: int) -> Iterator[Running]:
 
         port = int(stack.deployment["listen"].rpartition(":")[2])
         be = shared.backend
-        yield Running(name, shared.target(port, f"/CCM_Proxy_MutualAuth/{DP_ROLE_ID}"),
+        target = shared.target(port, f"/CCM_Proxy_MutualAuth/{DP_ROLE_ID}")
+        nocert = without_cert(target, f"/CCM_Proxy_ServerAuth/{DP_ROLE_ID}",
+                              (f"Authorization: Bearer {ccm_token(stack)}",))
+        yield Running(name, target,
                       {"gateway": pids("gateway"), "connector": pids("connector"),
                        "backend": lambda: [be.nginx.proc.pid]},
-                      f"gateway x{instances} -> tunnel -> connection point x{connectors} -> backend")
+                      f"gateway x{instances} -> tunnel -> connection point x{connectors} -> backend",
+                      nocert=nocert, mp_prefix=f"/CCM_Proxy_MutualAuth/{MP_ROLE_ID}", serving_group="gateway")
     finally:
         stack.stop()
 
@@ -133,9 +172,10 @@ def nginx_proxy(shared: Shared) -> Iterator[Running]:
     try:
         proxy.start()
         be = shared.backend
-        yield Running("nginx", shared.target(port), {"proxy": lambda: [proxy.proc.pid],
-                                                    "backend": lambda: [be.nginx.proc.pid]},
-                      "nginx TLS reverse proxy -> backend")
+        target = shared.target(port)
+        yield Running("nginx", target, {"proxy": lambda: [proxy.proc.pid],
+                                        "backend": lambda: [be.nginx.proc.pid]},
+                      "nginx TLS reverse proxy -> backend", nocert=without_cert(target), serving_group="proxy")
     finally:
         proxy.stop()
 
@@ -152,10 +192,12 @@ def ssh_tunnel(shared: Shared) -> Iterator[Running]:
         tunnel.start()
         proxy.start()
         be = shared.backend
-        yield Running("ssh-tunnel", shared.target(port),
+        target = shared.target(port)
+        yield Running("ssh-tunnel", target,
                       {"proxy": lambda: [proxy.proc.pid], "sshd": lambda: [tunnel.sshd.pid],
                        "ssh": lambda: [tunnel.ssh.pid], "backend": lambda: [be.nginx.proc.pid]},
-                      "nginx TLS -> sshd -> ssh -R (on-prem) -> backend")
+                      "nginx TLS -> sshd -> ssh -R (on-prem) -> backend", nocert=without_cert(target),
+                      serving_group="proxy")
     finally:
         proxy.stop()
         tunnel.stop()

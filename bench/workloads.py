@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import nginx_conf
-from .load import Generators, GeneratorError, Probe
+from .idle import IdleConnections
+from .load import Generators, GeneratorError, Probe, Target
 from .procstat import Monitor
 from .scenarios import Running
 from .stats import median, percentile
@@ -17,9 +18,15 @@ SMALL = f"{nginx_conf.CONTENT_PREFIX}/{nginx_conf.SMALL_FILE}"
 LARGE = f"{nginx_conf.CONTENT_PREFIX}/{nginx_conf.LARGE_FILE}"
 UPLOAD = f"{nginx_conf.CONTENT_PREFIX}/{nginx_conf.UPLOAD_DIR}/upload.bin"
 
-WORKLOADS = ("get-1k", "handshake-full", "handshake-resumed", "download-100m", "upload-100m")
+WORKLOADS = ("get-1k", "handshake-full", "handshake-resumed", "handshake-full-nocert",
+             "handshake-resumed-nocert", "cmgmix", "download-100m", "upload-100m", "idle-6000")
 DEFAULT_CONNECTIONS = (1, 16, 64, 256)
 HANDSHAKE_CONNECTIONS = 16
+MIX_CONNECTIONS = 16
+IDLE_CONNECTIONS = 6000
+QUICK_IDLE_CONNECTIONS = 1000
+HANDSHAKE_MODES = {"get-1k": None, "handshake-full": "full", "handshake-resumed": "resumed",
+                   "handshake-full-nocert": "full", "handshake-resumed-nocert": "resumed"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,14 @@ class Settings:
     connections: tuple[int, ...] = DEFAULT_CONNECTIONS
     workloads: tuple[str, ...] = WORKLOADS
     probe_interval: float = 0.01
+    # The workloads added last are kept short in --quick (one repetition each).
+    extra_reps: int | None = None
+    idle_connections: int = IDLE_CONNECTIONS
+    large_size: int = 100 * 1024 * 1024  # the file the mix's Range reads address
+
+    @property
+    def new_reps(self) -> int:
+        return self.extra_reps or self.reps
 
 
 @dataclass
@@ -53,6 +68,8 @@ class Row:
     peak_rss_kb: dict[str, int] = field(default_factory=dict)
     latency_source: str = "wrk"
     rps_reps: list[float] = field(default_factory=list)
+    # cmgmix: completed operations per kind (ccm_post, policy_get, bits_upload, range_read)
+    op_counts: dict[str, int] = field(default_factory=dict)
     mb_per_s_reps: list[float] = field(default_factory=list)
     # CPU cores kept busy by processes outside the benchmark during the measurement
     # (other work on the machine): above ~0.1 the figures are disturbed.
@@ -81,17 +98,22 @@ def _other_cores(usage, generator_cpu: float) -> float | None:
 
 def run_get(gen: Generators, run: Running, s: Settings, workload: str, connections: int,
             progress: Progress) -> Row:
-    mode = {"get-1k": None, "handshake-full": "full", "handshake-resumed": "resumed"}[workload]
-    row = Row(run.name, workload, connections, s.reps)
+    mode = HANDSHAKE_MODES[workload]
+    nocert = workload.endswith("-nocert")
+    target = run.nocert if nocert else run.target
+    if target is None:
+        raise GeneratorError(f"{run.name} has no target without a client certificate")
+    reps = s.new_reps if nocert else s.reps
+    row = Row(run.name, workload, connections, reps)
     results = []
     gen_cpu = 0.0
     with Monitor(run.groups) as mon:
-        for rep in range(s.reps):
-            r = gen.wrk_get(run.target, SMALL, connections, s.seconds, new_connection=mode)
+        for rep in range(reps):
+            r = gen.wrk_get(target, SMALL, connections, s.seconds, new_connection=mode)
             results.append(r)
             gen_cpu += r.generator_cpu_s
             bad = f", {r.non_2xx} non-2xx, {r.errors} socket errors" if (r.non_2xx or r.errors) else ""
-            progress(f"{run.name} {workload} c={connections} rep {rep + 1}/{s.reps}: "
+            progress(f"{run.name} {workload} c={connections} rep {rep + 1}/{reps}: "
                      f"{r.rps:,.0f} req/s p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms{bad}")
     assert mon.usage is not None
     row.rps_reps = [round(r.rps, 1) for r in results]
@@ -109,6 +131,10 @@ def run_get(gen: Generators, run: Running, s: Settings, workload: str, connectio
     row.peak_rss_kb = mon.usage.peak_rss_kb
     if mode:
         row.note = "latency excludes the handshake (wrk starts the clock at the request)"
+    if nocert:
+        row.note += ("; no client certificate" + ("; CCM_Proxy_ServerAuth with a site-issued CCM token "
+                                                   "(Authorization: Bearer), checked by the gateway"
+                                                   if run.mp_prefix else ""))
     return row
 
 
@@ -174,6 +200,118 @@ def run_bulk(gen: Generators, run: Running, s: Settings, workload: str, upload_f
     return row
 
 
+def _mix_config(run: Running, s: Settings, seconds: float) -> dict[str, Any]:
+    t = run.target
+    host, port = t.address
+    return {"host": host, "port": port, "server_name": t.host, "ca": str(t.ca),
+            "cert": str(t.client_cert) if t.client_cert else None,
+            "key": str(t.client_key) if t.client_key else None,
+            "content_path": t.path(LARGE), "content_size": s.large_size,
+            "mp_prefix": run.mp_prefix or "", "connections": MIX_CONNECTIONS, "seconds": seconds}
+
+
+MIX_SKIPPED = ("skipped: the mix's management-point requests (CCM_POST, BITS_POST, policy) need the "
+               "ConfigMgr site, which only the cmg scenarios run; proxying them to a mock site here would "
+               "measure a different backend than its Range reads, so there is no fair comparison")
+MIX_CEILING = ("the mix generator's ceiling, not the mix: Range reads only (64 KiB at random offsets of the "
+               "large file), since there is no management point behind the backend; no ratios")
+
+
+def run_mix(gen: Generators, run: Running, s: Settings, progress: Progress) -> Row:
+    """The ConfigMgr mix through the CMG (MP on the mock site, DP = the backend), by the
+    asyncio generator in :mod:`bench.mix`; on ``direct`` the generator's ceiling (Range
+    reads only); skipped (a row with a note) where there is no site behind the proxy."""
+    reps = s.new_reps
+    row = Row(run.name, "cmgmix", MIX_CONNECTIONS, reps, latency_source="mix")
+    if run.mp_prefix is None and run.name != "direct":
+        row.reps = 0
+        row.note = MIX_SKIPPED
+        progress(f"{run.name} cmgmix: {MIX_SKIPPED}")
+        return row
+    results: list[dict[str, Any]] = []
+    gen_cpu = 0.0
+    with Monitor(run.groups) as mon:
+        for rep in range(reps):
+            r, cpu = gen.mix(_mix_config(run, s, s.seconds), timeout=s.seconds + 120)
+            results.append(r)
+            gen_cpu += float(r["cpu_s"])
+            ops = " ".join(f"{k} {v}" for k, v in r["ops"].items() if v)
+            bad = f", {r['errors']} errors ({'; '.join(r['error_samples'][:2])})" if r["errors"] else ""
+            progress(f"{run.name} cmgmix c={MIX_CONNECTIONS} rep {rep + 1}/{reps}: {r['rps']:,.0f} req/s "
+                     f"p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms; ops: {ops}; generator "
+                     f"{float(r['cpu_s']) / max(float(r['seconds']), 1e-9):.2f} cores{bad}")
+    assert mon.usage is not None
+    row.rps_reps = [round(float(r["rps"]), 1) for r in results]
+    row.rps = median(float(r["rps"]) for r in results)
+    row.p50_ms = median(float(r["p50_ms"]) for r in results)
+    row.p99_ms = median(float(r["p99_ms"]) for r in results)
+    row.p999_ms = median(float(r["p999_ms"]) for r in results)
+    seconds = sum(float(r["seconds"]) for r in results)
+    row.mb_per_s = median(float(r["bytes_in"]) + float(r["bytes_out"]) for r in results) / (seconds / reps) / 1e6
+    row.requests = sum(int(r["ok"]) for r in results)
+    row.errors = sum(int(r["errors"]) for r in results)
+    row.op_counts = {op: sum(int(r["ops"][op]) for r in results) for op in results[0]["ops"]}
+    row.other_cores = _other_cores(mon.usage, gen_cpu)
+    cpu = dict(mon.usage.cpu_s)
+    cpu["mix"] = gen_cpu
+    row.cpu_s_per_1k_req = _per_1k(cpu, row.requests)
+    row.peak_rss_kb = mon.usage.peak_rss_kb
+    gen_cores = gen_cpu / seconds if seconds else 0.0
+    ops = ", ".join(f"{k} {v}" for k, v in row.op_counts.items())
+    op_p50 = ", ".join(f"{k} {v:.1f}" for k, v in results[-1]["op_p50_ms"].items())
+    if run.mp_prefix is None:
+        row.note = f"{MIX_CEILING}; generator {gen_cores:.2f} cores"
+    else:
+        row.note = (f"ConfigMgr mix through the CMG: MP on the mock site, Range reads from the DP role (the "
+                    f"backend); ops {ops}; p50 per op (ms, last rep) {op_p50}; a BITS upload is 3 requests; "
+                    f"MB/s counts both directions; generator {gen_cores:.2f} cores (asyncio+uvloop, pinned)")
+    return row
+
+
+def run_idle(run: Running, s: Settings, progress: Progress) -> Row:
+    """``idle-6000``: N idle keep-alive TLS connections (client certificate, one request
+    each); RSS of the serving process group before and after; then one more request on each."""
+    n = s.idle_connections
+    row = Row(run.name, "idle-6000", n, 1, latency_source="idle-check")
+    group = run.serving_group
+    time.sleep(0.5)
+    before = _group_rss(run)
+    with IdleConnections(run.target, SMALL, n) as idle:
+        opened = idle.open()
+        progress(f"{run.name} idle-6000: {opened.opened:,}/{n:,} connections open in {opened.seconds:.1f} s "
+                 f"({opened.resumed:,} resumed handshakes, {opened.errors} errors)")
+        time.sleep(1.0)  # the server settles (allocator, buffers) before RSS is read
+        after = _group_rss(run)
+        check = idle.check()
+    per_conn = ((after[group] - before[group]) / opened.opened) if opened.opened else None
+    row.rss_kb_per_conn = round(per_conn, 2) if per_conn is not None else None
+    row.requests = check.served
+    row.errors = opened.errors + check.errors + (n - opened.opened - opened.errors)
+    if check.latencies_ms:
+        row.p50_ms = percentile(check.latencies_ms, 50)
+        row.p99_ms = percentile(check.latencies_ms, 99)
+        row.p999_ms = percentile(check.latencies_ms, 99.9)
+    row.peak_rss_kb = after
+    deltas = ", ".join(f"{k} {(after[k] - before.get(k, 0)) / 1024:+.1f} MiB" for k in after)
+    served = "all served" if check.served == n else f"NOT all served: {check.served:,}/{n:,}"
+    samples = "; ".join((opened.error_samples + check.error_samples)[:2])
+    row.note = (f"{served}; rss_kb_per_conn = RSS delta of {group} / {opened.opened:,} open connections; "
+                f"RSS delta per group: {deltas}; set-up {opened.seconds:.1f} s ({opened.resumed:,} resumed), "
+                f"check {check.seconds:.1f} s; p50/p99: the second request on each connection"
+                + (f"; errors: {samples}" if samples else ""))
+    if run.name.startswith("cmg-") and len(run.groups["gateway"]()) > 1:
+        row.note += "; the connections are spread over the instances (SO_REUSEPORT)"
+    progress(f"{run.name} idle-6000: {served}; {group} {row.rss_kb_per_conn} KiB per connection "
+             f"({deltas}); check p50 {row.p50_ms or float('nan'):.2f} ms")
+    return row
+
+
+def _group_rss(run: Running) -> dict[str, int]:
+    from .procstat import group_rss_kb
+
+    return {name: group_rss_kb(pids()) for name, pids in run.groups.items()}
+
+
 def run_scenario(gen: Generators, run: Running, s: Settings, upload_file: Path,
                  progress: Progress, after_gets: Callable[[Running], None] | None = None) -> list[Row]:
     """Every selected workload on one scenario; ``after_gets`` runs after the 1 KiB GETs
@@ -187,8 +325,12 @@ def run_scenario(gen: Generators, run: Running, s: Settings, upload_file: Path,
                 rows.append(run_get(gen, run, s, workload, c, progress))
             if after_gets is not None:
                 after_gets(run)
-        elif workload in ("handshake-full", "handshake-resumed"):
+        elif workload in HANDSHAKE_MODES:
             rows.append(run_get(gen, run, s, workload, HANDSHAKE_CONNECTIONS, progress))
+        elif workload == "cmgmix":
+            rows.append(run_mix(gen, run, s, progress))
+        elif workload == "idle-6000":
+            rows.append(run_idle(run, s, progress))
         elif workload in ("download-100m", "upload-100m"):
             rows.append(run_bulk(gen, run, s, workload, upload_file, progress))
         else:

@@ -7,6 +7,8 @@
  * wrk reuses one SSL object per connection (SSL_clear on reconnect), which keeps the
  * session: every reconnect is a resumed handshake. With BENCH_FULL_HANDSHAKE=1 the
  * session is dropped before each handshake starts, so every connection does a full one.
+ * BENCH_NO_CLIENT_CERT=1 leaves the contexts alone: no client certificate is presented
+ * (the handshake-*-nocert workloads; the CMG's CCM_Proxy_ServerAuth path with a token).
  * Built by bench.load at set-up: gcc -shared -fPIC -O2 -o shim.so wrk_clientcert.c -ldl -l:libssl.so.3
  */
 #define _GNU_SOURCE
@@ -35,6 +37,10 @@ SSL_CTX *SSL_CTX_new(const SSL_METHOD *method) {
     SSL_CTX *ctx = real(method);
     const char *cert = getenv("BENCH_CLIENT_CERT");
     const char *key = getenv("BENCH_CLIENT_KEY");
+    const char *none = getenv("BENCH_NO_CLIENT_CERT");
+    if (none != NULL && none[0] == '1') {
+        return ctx;
+    }
     if (ctx != NULL && cert != NULL && key != NULL) {
         if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1 ||
             SSL_CTX_use_PrivateKey_file(ctx, key, 1 /* SSL_FILETYPE_PEM */) != 1) {
