@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
+import os
 from xml.sax.saxutils import escape
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from cmg.config import GatewayConfig
 from cmg.tokens import TokenError
@@ -54,6 +55,17 @@ CHECK_KEY = "cmg_client_check"
 # Methods a client may send twice without harm: replayed on another connection point
 # when a tunnel dies before answering. Never CCM_POST or BITS_POST.
 SAFE_METHODS = frozenset({"GET", "HEAD", "PROPFIND", "OPTIONS"})
+# Responses that never have a body (their Content-Length, if any, describes another).
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def new_message_id() -> str:
+    """A ConfigMgr-style message id: a random (version 4) GUID in braces, upper case."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    x = b.hex().upper()
+    return f"{{{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}}}"
 
 
 def _error_for(code: ErrorCode) -> errors.CMGError:
@@ -182,7 +194,7 @@ class ClientRequestHandler:
     async def _forward(self, request: web.BaseRequest, cp: ClientPath,
                        identity: ClientIdentity | TokenIdentity | None, start: float) -> web.StreamResponse:
         assert cp.role_id is not None
-        message_id = "{" + str(uuid.uuid4()).upper() + "}"
+        message_id = new_message_id()
         headers = self._request_headers(request, identity, message_id)
         has_body = request.body_exists
         target = request.raw_path
@@ -249,7 +261,22 @@ class ClientRequestHandler:
     async def _relay(self, request: web.BaseRequest, cp: ClientPath, link: ConnectorLink,
                      stream: TunnelStream, upload: asyncio.Future[None] | None, head: object,
                      start: float, sent: list[int] | int) -> web.StreamResponse:
-        resp = web.StreamResponse(status=head.status, reason=head.reason)  # type: ignore[attr-defined]
+        status: int = head.status  # type: ignore[attr-defined]
+        if (upload is None or upload.done()) and status not in NO_BODY_STATUSES and request.method != "HEAD":
+            body = stream.buffered_body()
+            if body is not None:
+                # The whole response is here already (a small one, usually): one
+                # Response, written with its head in one go.
+                headers = CIMultiDict(
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers  # type: ignore[attr-defined]
+                    if (lk := k.lower()) not in HOP_BY_HOP and lk != b"content-length"
+                )
+                nsent = sent[0] if isinstance(sent, list) else sent
+                assert cp.role_id is not None
+                link.account(cp.role_id, status < 500, nsent, len(body))
+                self._summary.record(request.path, nsent, len(body), (time.monotonic() - start) * 1000)
+                return web.Response(status=status, reason=head.reason, headers=headers, body=body)  # type: ignore[attr-defined]
+        resp = web.StreamResponse(status=status, reason=head.reason)  # type: ignore[attr-defined]
         for k, v in head.headers:  # type: ignore[attr-defined]
             if k.lower() not in HOP_BY_HOP:
                 resp.headers.add(k.decode("latin-1"), v.decode("latin-1"))
@@ -291,6 +318,8 @@ class ClientRequestHandler:
 
         def stall() -> None:  # the client paused its body too long: cut it off
             stalled[0] = True
+            self._log.info("Request body broke off after %d bytes: stalled for %.0f s", sent[0], timeout)
+            stream.reset(ErrorCode.CANCEL, "client request body incomplete")
             self._abort(request)
 
         timer = loop.call_later(timeout, stall)
@@ -311,9 +340,9 @@ class ClientRequestHandler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the client's body broke off: never let a short upload look complete
-            why = f"stalled for {timeout:.0f} s" if stalled[0] else exc.__class__.__name__
-            self._log.info("Request body broke off after %d bytes: %s", sent[0], why)
-            stream.reset(ErrorCode.CANCEL, "client request body incomplete")
+            if not stalled[0]:  # stall() has said so and reset the stream already
+                self._log.info("Request body broke off after %d bytes: %s", sent[0], exc.__class__.__name__)
+                stream.reset(ErrorCode.CANCEL, "client request body incomplete")
         finally:
             timer.cancel()
 

@@ -153,6 +153,7 @@ class TunnelProtocol:
         self.clock = clock
         self._parser = FrameParser(limits.max_frame_size, limits.max_header_size)
         self._outgoing: list[bytes] = []
+        self._outgoing_size = 0
         self._closed = False
         self._hello_sent = False
         self._welcome_sent = False
@@ -257,7 +258,13 @@ class TunnelProtocol:
     def data_to_send(self) -> list[bytes]:
         """Serialized frames queued since the last call, in order; empties the queue."""
         outgoing, self._outgoing = self._outgoing, []
+        self._outgoing_size = 0
         return outgoing
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes queued for sending that data_to_send() has not returned yet."""
+        return self._outgoing_size
 
     # -- receiving ---------------------------------------------------------------
 
@@ -526,7 +533,9 @@ class TunnelProtocol:
     # -- sending -----------------------------------------------------------------
 
     def _queue(self, frame: Frame) -> None:
-        self._outgoing.append(frame.serialize())
+        data = frame.serialize()
+        self._outgoing.append(data)
+        self._outgoing_size += len(data)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -54,6 +54,11 @@ __all__ = ["TunnelSession", "TunnelStream", "WebSocketLike"]
 CLOSE_TIMEOUT = 5.0
 #: Frames are coalesced into websocket messages of about this size.
 MESSAGE_SIZE = 65536
+#: Writers return as soon as their frames are queued (the writer task sends them on its
+#: next turn, together with whatever else was queued meanwhile); only when this much is
+#: queued and not yet handed to the websocket do they wait for the writer. Memory per
+#: tunnel stays bounded by it, and the websocket's own backpressure reaches the writers.
+FLUSH_AHEAD = 262144
 
 _WS_NORMAL = 1000
 _WS_PROTOCOL_ERROR = 1002
@@ -80,8 +85,10 @@ class TunnelStream:
         self._session = session
         self._chunks: deque[bytes] = deque()
         self._eof = False
-        self._readable = asyncio.Event()
-        self._credit = asyncio.Event()
+        # Futures, created only while a task waits: most streams never wait for credit,
+        # and many responses arrive before anyone waits for them.
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._credit_waiter: asyncio.Future[None] | None = None
         self._response: ResponseReceived | None = None
         self._read_error: TunnelError | None = None
         self._write_error: TunnelError | None = None
@@ -107,8 +114,7 @@ class TunnelStream:
         while self._response is None:
             if self._read_error is not None:
                 raise self._read_error
-            self._readable.clear()
-            await self._readable.wait()
+            await self._wait_readable()
         return self._response
 
     async def send_response(self, status: int, reason: str, headers: Headers, end_stream: bool = False,
@@ -148,11 +154,12 @@ class TunnelStream:
             self._check_writable()
             available = protocol.available_window(self.stream_id)
             if available == 0:
-                self._credit.clear()
                 self._session._credit_waiters.add(self)
+                waiter = self._credit_waiter = asyncio.get_running_loop().create_future()
                 try:
-                    await self._credit.wait()
+                    await waiter
                 finally:
+                    self._credit_waiter = None
                     self._session._credit_waiters.discard(self)
                 continue
             chunk, view = view[:available], view[available:]
@@ -184,8 +191,22 @@ class TunnelStream:
                 return chunk
             if self._eof:
                 return b""
-            self._readable.clear()
-            await self._readable.wait()
+            await self._wait_readable()
+
+    def buffered_body(self) -> bytes | None:
+        """The peer's whole body, if it has ended it and all of it is buffered; else None.
+
+        Taking it returns its credit to the peer, as :meth:`read` does.
+        """
+        if not self._eof or self._read_error is not None:
+            return None
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._session._acknowledge(self.stream_id, len(body))
+        return body
 
     def reset(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
         """Abandon the stream: RESET if it is still open; buffered data is dropped either way."""
@@ -211,9 +232,26 @@ class TunnelStream:
                 raise TunnelClosedError(self._session.close_reason or "the tunnel is closed")
             raise StreamClosedError(f"stream {self.stream_id} is closed for sending")
 
+    async def _wait_readable(self) -> None:
+        waiter = self._read_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._read_waiter = None
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        waiter = self._credit_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def _wake(self) -> None:
-        self._readable.set()
-        self._credit.set()
+        self._wake_reader()
+        self._wake_writer()
 
     def _fail(self, error: TunnelError, reset_code: ErrorCode | None = None) -> None:
         if self._reset_code is None and reset_code is not None:
@@ -264,6 +302,7 @@ class TunnelSession:
         self._handlers: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()
+        self._progress_waiters = 0
         self._queued_gen = 0
         self._sent_gen = 0
         self._writer_done = False
@@ -382,16 +421,28 @@ class TunnelSession:
         return self._queued_gen
 
     async def _flush(self) -> None:
-        """Wait until everything queued so far was handed to the websocket."""
+        """Have what is queued sent; wait for the writer only when it is behind.
+
+        Raises TunnelClosedError once the writer has stopped.
+        """
         generation = self._kick()
-        while self._sent_gen < generation:
-            if self._writer_done:
-                raise TunnelClosedError(self.close_reason or "the tunnel is closed")
-            await self._progress.wait()
+        if self._writer_done:
+            raise TunnelClosedError(self.close_reason or "the tunnel is closed")
+        if self.protocol.pending_output < FLUSH_AHEAD:
+            return
+        self._progress_waiters += 1
+        try:
+            while self._sent_gen < generation:
+                if self._writer_done:
+                    raise TunnelClosedError(self.close_reason or "the tunnel is closed")
+                await self._progress.wait()
+        finally:
+            self._progress_waiters -= 1
 
     def _notify_progress(self) -> None:
-        progress, self._progress = self._progress, asyncio.Event()
-        progress.set()
+        if self._progress_waiters or self._writer_done:
+            progress, self._progress = self._progress, asyncio.Event()
+            progress.set()
 
     async def _send_all(self, frames: list[bytes]) -> None:
         for message in _coalesce(frames):
@@ -471,15 +522,15 @@ class TunnelSession:
             if event.end_stream:
                 stream._eof = True
                 self._forget(stream)
-            stream._readable.set()
+            stream._wake_reader()
         elif isinstance(event, WindowUpdated):
             if event.stream_id == 0:
                 for waiter in self._credit_waiters:
-                    waiter._credit.set()
+                    waiter._wake_writer()
             else:
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
-                    stream._credit.set()
+                    stream._wake_writer()
         elif isinstance(event, RequestReceived):
             self._start_request(event)
         elif isinstance(event, ResponseReceived):
@@ -491,7 +542,7 @@ class TunnelSession:
             if event.end_stream:
                 stream._eof = True
                 self._forget(stream)
-            stream._readable.set()
+            stream._wake_reader()
         elif isinstance(event, StreamReset):
             stream = self._streams.pop(event.stream_id, None)
             self.logger.debug("%s: stream %d reset by the peer: %s", self.name, event.stream_id, event.code.name)
@@ -555,7 +606,8 @@ class TunnelSession:
     def _acknowledge(self, stream_id: int, n: int) -> None:
         if n and not self.protocol.closed:
             self.protocol.acknowledge_received_data(stream_id, n)
-            self._kick()
+            if self.protocol.pending_output:  # a WINDOW_UPDATE is due (they are batched)
+                self._kick()
 
     def _forget(self, stream: TunnelStream) -> None:
         if not self.protocol.stream_is_open(stream.stream_id):

@@ -434,3 +434,65 @@ async def test_real_websockets_on_loopback() -> None:
             await gateway.close(ErrorCode.NO_ERROR, "instance stopping")
             await asyncio.wait_for(run, 10)
             assert connector.close_reason is not None and "instance stopping" in connector.close_reason
+
+
+async def test_buffered_body_is_the_whole_body_once_the_peer_ended_it() -> None:
+    limits = Limits(stream_window=64 * 1024, tunnel_window=128 * 1024, max_frame_size=16 * 1024)
+    body = os.urandom(60_000)  # within one stream window: the peer can end it unread
+
+    async def handler(stream: TunnelStream) -> None:
+        await stream.send_response(200, "OK", [], end_stream=True, body=body)
+
+    async with session_pair(handler, limits) as pair:
+        stream = await pair.gateway.open_stream("GET", "/whole", [], end_stream=True)
+        assert stream.buffered_body() is None  # nothing yet: the peer has not ended it
+        await stream.response()
+        for _ in range(100):  # the end may come in a later websocket message than the head
+            if (whole := stream.buffered_body()) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert whole == body
+        assert await stream.read() == b""
+        # its credit went back: the tunnel window is whole again on the connector's side
+        for _ in range(100):
+            if pair.connector.protocol._tunnel_send_window == limits.tunnel_window:
+                break
+            await asyncio.sleep(0.01)
+        assert pair.connector.protocol._tunnel_send_window == limits.tunnel_window
+
+
+async def test_writers_queue_ahead_but_wait_once_the_websocket_stops_taking_data() -> None:
+    from tunnel.session import FLUSH_AHEAD
+
+    gate = asyncio.Event()
+    gate.set()
+
+    async def swallow(stream: TunnelStream) -> None:
+        await read_all(stream)
+        await stream.send_response(200, "OK", [], end_stream=True)
+
+    async with session_pair(swallow) as pair:
+        ws = pair.gateway.websocket
+        original_send = ws.send
+
+        async def gated_send(message: bytes) -> None:
+            await gate.wait()
+            await original_send(message)
+
+        ws.send = gated_send  # type: ignore[method-assign]
+        stream = await pair.gateway.open_stream("PUT", "/sink", [])
+        # With the websocket taking data, a small write returns without waiting for the writer.
+        sent_before = ws.sent_messages
+        await stream.write(b"x" * 1000)
+        assert ws.sent_messages == sent_before
+        # With the websocket stuck, writes queue up to FLUSH_AHEAD, then wait.
+        gate.clear()
+        await asyncio.sleep(0.05)  # the writer takes the first chunk and blocks in send
+        chunk = b"y" * 16384
+        writer = asyncio.create_task(write_in_chunks(stream, chunk * ((FLUSH_AHEAD // len(chunk)) + 8), len(chunk)))
+        await asyncio.sleep(0.2)
+        assert not writer.done()
+        assert FLUSH_AHEAD <= pair.gateway.protocol.pending_output < FLUSH_AHEAD + 2 * len(chunk)
+        gate.set()
+        await asyncio.wait_for(writer, 10)
+        assert (await asyncio.wait_for(stream.response(), 10)).status == 200
