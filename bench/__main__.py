@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         # The mix, the handshakes without a client certificate and idle-6000 are kept
         # short in --quick: one repetition each, fewer idle connections.
         extra_reps=args.reps or (1 if args.quick else None),
+        extra_seconds=args.seconds or (1.0 if args.quick else None),
+        idle_settle=0.4 if args.quick else 1.0,
         idle_connections=args.idle_connections or (workloads.QUICK_IDLE_CONNECTIONS if args.quick
                                                    else workloads.IDLE_CONNECTIONS),
         large_size=args.large_mib * MiB,

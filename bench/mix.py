@@ -357,9 +357,9 @@ class Mix:
         conns = [Connection(cfg, self.ctx, self.stats) for _ in range(cfg.connections)]
         try:
             # Connections up and a round of every operation before the clock starts.
-            warm_deadline = time.monotonic() + min(1.0, cfg.seconds)
+            warm_deadline = time.monotonic() + min(0.5, cfg.seconds)
             await asyncio.wait_for(asyncio.gather(*(self._worker(i, c, warm_deadline) for i, c in enumerate(conns))),
-                                   1.0 + cfg.timeout + 5)
+                                   0.5 + cfg.timeout + 5)
             self.measuring = True
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.monotonic()

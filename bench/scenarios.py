@@ -102,7 +102,7 @@ def server_tls(certs: Path) -> nginx_conf.TLSFiles:
 
 
 def cmg_overrides(certs: Path, backend_url: str, instances: int,
-                  max_connections: int = 20000) -> dict[str, dict[str, object]]:
+                  max_connections: int = 20000, connectors: int = 2) -> dict[str, dict[str, object]]:
     """Stack overrides: the DP role points at the backend; MP and SUP stay on the mock site.
 
     Roles given here replace the default roles, so all three are listed; the mock site
@@ -110,7 +110,10 @@ def cmg_overrides(certs: Path, backend_url: str, instances: int,
     """
     mp_port, sup_port, dp_port = free_port(), free_port(), free_port()
     return {
-        "service": {"tunnel_base_port": free_port_run(instances), "max_connections": max_connections},
+        # Monitoring ports too: their defaults clash with any other stack on the machine.
+        "service": {"tunnel_base_port": free_port_run(instances), "max_connections": max_connections,
+                    "monitoring_base_port": free_port_run(instances)},
+        "connection_point": {"monitoring_base_port": free_port_run(connectors)},
         "certificates": {"dir": str(certs)},
         "site": {
             # The mock Entra ID tenant's port too: its default (8006) may be taken by
@@ -143,7 +146,7 @@ def cmg(shared: Shared, instances: int, connectors: int) -> Iterator[Running]:
     d.mkdir(parents=True, exist_ok=True)
     stack = Stack(d, port=free_port(), instances=instances, connectors=connectors,
                   overrides=cmg_overrides(shared.certs, f"http://127.0.0.1:{shared.backend.http_port}",
-                                          instances, shared.max_client_connections))
+                                          instances, shared.max_client_connections, connectors))
     stack.start()
     try:
         def pids(kind: str) -> Callable[[], list[int]]:

@@ -24,7 +24,7 @@ DEFAULT_CONNECTIONS = (1, 16, 64, 256)
 HANDSHAKE_CONNECTIONS = 16
 MIX_CONNECTIONS = 16
 IDLE_CONNECTIONS = 6000
-QUICK_IDLE_CONNECTIONS = 1000
+QUICK_IDLE_CONNECTIONS = 500
 HANDSHAKE_MODES = {"get-1k": None, "handshake-full": "full", "handshake-resumed": "resumed",
                    "handshake-full-nocert": "full", "handshake-resumed-nocert": "resumed"}
 
@@ -39,12 +39,18 @@ class Settings:
     probe_interval: float = 0.01
     # The workloads added last are kept short in --quick (one repetition each).
     extra_reps: int | None = None
+    extra_seconds: float | None = None  # their run length (default: seconds)
     idle_connections: int = IDLE_CONNECTIONS
+    idle_settle: float = 1.0  # seconds the server is left before its RSS is read
     large_size: int = 100 * 1024 * 1024  # the file the mix's Range reads address
 
     @property
     def new_reps(self) -> int:
         return self.extra_reps or self.reps
+
+    @property
+    def new_seconds(self) -> float:
+        return self.extra_seconds or self.seconds
 
 
 @dataclass
@@ -104,12 +110,13 @@ def run_get(gen: Generators, run: Running, s: Settings, workload: str, connectio
     if target is None:
         raise GeneratorError(f"{run.name} has no target without a client certificate")
     reps = s.new_reps if nocert else s.reps
+    seconds = s.new_seconds if nocert else s.seconds
     row = Row(run.name, workload, connections, reps)
     results = []
     gen_cpu = 0.0
     with Monitor(run.groups) as mon:
         for rep in range(reps):
-            r = gen.wrk_get(target, SMALL, connections, s.seconds, new_connection=mode)
+            r = gen.wrk_get(target, SMALL, connections, seconds, new_connection=mode)
             results.append(r)
             gen_cpu += r.generator_cpu_s
             bad = f", {r.non_2xx} non-2xx, {r.errors} socket errors" if (r.non_2xx or r.errors) else ""
@@ -232,7 +239,7 @@ def run_mix(gen: Generators, run: Running, s: Settings, progress: Progress) -> R
     gen_cpu = 0.0
     with Monitor(run.groups) as mon:
         for rep in range(reps):
-            r, cpu = gen.mix(_mix_config(run, s, s.seconds), timeout=s.seconds + 120)
+            r, _ = gen.mix(_mix_config(run, s, s.new_seconds), timeout=s.new_seconds + 120)
             results.append(r)
             gen_cpu += float(r["cpu_s"])
             ops = " ".join(f"{k} {v}" for k, v in r["ops"].items() if v)
@@ -247,7 +254,8 @@ def run_mix(gen: Generators, run: Running, s: Settings, progress: Progress) -> R
     row.p99_ms = median(float(r["p99_ms"]) for r in results)
     row.p999_ms = median(float(r["p999_ms"]) for r in results)
     seconds = sum(float(r["seconds"]) for r in results)
-    row.mb_per_s = median(float(r["bytes_in"]) + float(r["bytes_out"]) for r in results) / (seconds / reps) / 1e6
+    row.mb_per_s = median((float(r["bytes_in"]) + float(r["bytes_out"])) / float(r["seconds"]) / 1e6
+                          for r in results if float(r["seconds"]) > 0)
     row.requests = sum(int(r["ok"]) for r in results)
     row.errors = sum(int(r["errors"]) for r in results)
     row.op_counts = {op: sum(int(r["ops"][op]) for r in results) for op in results[0]["ops"]}
@@ -274,13 +282,13 @@ def run_idle(run: Running, s: Settings, progress: Progress) -> Row:
     n = s.idle_connections
     row = Row(run.name, "idle-6000", n, 1, latency_source="idle-check")
     group = run.serving_group
-    time.sleep(0.5)
+    time.sleep(s.idle_settle / 2)
     before = _group_rss(run)
     with IdleConnections(run.target, SMALL, n) as idle:
         opened = idle.open()
         progress(f"{run.name} idle-6000: {opened.opened:,}/{n:,} connections open in {opened.seconds:.1f} s "
                  f"({opened.resumed:,} resumed handshakes, {opened.errors} errors)")
-        time.sleep(1.0)  # the server settles (allocator, buffers) before RSS is read
+        time.sleep(s.idle_settle)  # the server settles (allocator, buffers) before RSS is read
         after = _group_rss(run)
         check = idle.check()
     per_conn = ((after[group] - before[group]) / opened.opened) if opened.opened else None
