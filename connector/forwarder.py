@@ -20,6 +20,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from functools import lru_cache
 from typing import Any
 from yarl import URL
 
@@ -310,6 +311,12 @@ class _Target:
         self.target = (u.raw_path_qs or "/").encode("ascii")
 
 
+@lru_cache(maxsize=4096)
+def _target(url: str) -> _Target:
+    """The parsed internal URL: clients repeat the same few (policy, content, MP endpoints)."""
+    return _Target(url)
+
+
 class _Watchdog:
     """One timer per exchange, pushed back while the role keeps sending."""
 
@@ -404,7 +411,7 @@ class Forwarder:
         watchdog: _Watchdog | None = None
         reuse = False
         try:
-            target = _Target(mapped.url)
+            target = _target(mapped.url)
             method = req.method
             has_body = not req.end_stream
             head = [method.encode("ascii"), b" ", target.target, b" HTTP/1.1\r\nHost: ", target.host, b"\r\n"]

@@ -31,6 +31,7 @@ try:
     from OpenSSL._util import lib as _lib
 
     _BUFFER = _ffi.new("char[]", _READ_SIZE)
+    _SSL_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
     _FAST = all(hasattr(_lib, name) for name in ("SSL_read", "BIO_read")) and hasattr(SSL.Connection, "_raise_ssl_error")
 except Exception:  # pragma: no cover - another pyOpenSSL layout: the public API
     _FAST = False
@@ -177,20 +178,28 @@ class TLSServerProtocol(asyncio.Protocol):
         self.app = self._app_factory()
         self.app.connection_made(self.app_transport)
 
-    def _recv(self) -> bytes:
+    def _recv(self) -> bytes | None:
+        """The next plaintext, or None when more bytes must arrive first."""
         conn = self.conn
         if not _FAST:
-            return conn.recv(_READ_SIZE)
+            try:
+                return conn.recv(_READ_SIZE)
+            except SSL.WantReadError:
+                return None
         n = _lib.SSL_read(conn._ssl, _BUFFER, _READ_SIZE)
         if n <= 0:
+            if _lib.SSL_get_error(conn._ssl, n) == _SSL_ERROR_WANT_READ:
+                return None  # every read loop ends here: no exception for it
             conn._raise_ssl_error(conn._ssl, n)
-            raise SSL.WantReadError()  # pragma: no cover - pyOpenSSL raised already
+            return None  # pragma: no cover - pyOpenSSL raised already
         return _ffi.buffer(_BUFFER, n)[:]
 
     def _read_plaintext(self) -> None:
         while self.raw is not None:
             try:
                 chunk = self._recv()
+                if chunk is None:
+                    break
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:

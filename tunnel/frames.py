@@ -377,12 +377,25 @@ class _Reader:
         return self.take(length).decode("utf-8", "surrogateescape")
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        # The hot path of every head: offsets and struct.unpack_from, no method call per field.
+        data = self.data
+        size = len(data)
         count = self.u16()
+        position = self.position
+        u16, u32 = _U16.unpack_from, _U32.unpack_from
         fields = []
         for _ in range(count):
-            name = self.take(self.u16())
-            value = self.take(self.u32())
-            fields.append((name, value))
+            if position + 2 > size:
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "truncated head block")
+            end = position + 2 + u16(data, position)[0]
+            if end + 4 > size:
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "truncated head block")
+            name = data[position + 2 : end]
+            position = end + 4 + u32(data, end)[0]
+            if position > size:
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "truncated head block")
+            fields.append((name, data[end + 4 : position]))
+        self.position = position
         if self.position != len(self.data):
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "bytes after the header list")
         problem = _check_headers(fields)
