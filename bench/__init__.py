@@ -14,5 +14,14 @@ plain HTTP on loopback) with the same load generators, in one run on one machine
 Modules: ``stats`` (percentiles, medians: pure), ``nginx_conf`` and ``ssh_conf``
 (configuration text: pure), ``sysdeps`` (system packages), ``servers`` (processes:
 backend, proxies, sshd, the CMG stack), ``procstat`` (CPU and RSS of process groups),
-``load`` (wrk, curl, the probe), ``scenarios``, ``workloads``, ``report``, ``plot``.
+``load`` (wrk, curl, the probe), ``mix`` (the ConfigMgr mix's asyncio generator,
+``cmgmix``), ``idle`` (idle TLS connections, ``idle-6000``), ``scenarios``, ``workloads``,
+``report``, ``plot``.
+
+Workloads: ``get-1k`` (keep-alive GETs), ``handshake-full``/``handshake-resumed`` (a new
+TLS connection per request, client certificate), ``handshake-full-nocert``/
+``handshake-resumed-nocert`` (the same without one: the CMG's ``CCM_Proxy_ServerAuth``
+with a site-issued CCM token), ``cmgmix`` (CCM_POST messaging, policy GETs, 256 KiB
+BITS uploads, Range reads; through the CMG only), ``download-100m``/``upload-100m``,
+``idle-6000`` (RSS per idle client TLS connection, and all of them still served).
 """

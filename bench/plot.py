@@ -41,10 +41,12 @@ def plot(rows: Sequence[Row], path: Path) -> None:
          "1 KiB GETs, keep-alive (median req/s)", "requests/s", log=True)
     bars(axes[0][1], [("get-1k", c) for c in gets], [f"{c} conn" for c in gets], lambda r: r.p99_ms,
          "1 KiB GETs: p99 latency", "ms", log=True)
-    hs = [w for w in ("handshake-full", "handshake-resumed") if any(r.workload == w for r in rows)]
+    hs = [w for w in ("handshake-full", "handshake-resumed", "handshake-full-nocert", "handshake-resumed-nocert")
+          if any(r.workload == w for r in rows)]
     bulk = [w for w in ("download-100m", "upload-100m") if any(r.workload == w for r in rows)]
-    bars(axes[1][0], [(w, 16) for w in hs], hs, lambda r: r.rps,
-         "new TLS connection per request, client cert (req/s)", "requests/s")
+    bars(axes[1][0], [(w, 16) for w in hs], [w.replace("handshake-", "").replace("-nocert", "\nno cert") for w in hs],
+         lambda r: r.rps,
+         "new TLS connection per request (req/s)", "requests/s")
     bars(axes[1][1], [(w, 1) for w in bulk], bulk, lambda r: r.mb_per_s,
          "100 MiB transfer (median MB/s)", "MB/s")
     axes[0][0].legend(fontsize=8)
