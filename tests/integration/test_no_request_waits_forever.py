@@ -1,0 +1,98 @@
+"""Issue 5, "no request waits forever": the ways a request could wait without bound, each
+reproduced deterministically through a whole stack (see docs/reliability.md, "Issue 5")."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import aiohttp
+import pytest
+
+from mock_site.content import content_sha256
+
+pytestmark = pytest.mark.integration
+
+# The fixes are in gateway/proxy.py and cmg/config.py, handed over as diffs (issue 5,
+# /tmp/issue5-fix-1.diff and -3.diff); remove these markers when they land.
+PENDING_FIX_1 = pytest.mark.xfail(reason="issue 5 fix 1 (gateway/proxy.py) not applied yet", strict=False)
+PENDING_FIX_3 = pytest.mark.xfail(reason="issue 5 fix 3 (service.response_timeout) not applied yet", strict=False)
+
+MIB = 1024 * 1024
+
+
+def _dp_file(dep, size: int) -> tuple[str, str]:
+    name = f"payload-{size}.bin"
+    return f"/CCM_Proxy_MutualAuth/{dep.role('DP')['role_id']}/SMS_DP_SMSPKG$/Content_0005.1/{name}", name
+
+
+@PENDING_FIX_1
+async def test_a_client_that_gives_up_before_the_answer_leaks_no_tunnel_credit(stack_factory):
+    """A client that goes away while its GET waits for the response head (here: the DP
+    holds the answer) cancels the gateway's request handler. Its stream must be reset
+    towards the connection point: otherwise the answer that comes later is buffered at
+    the gateway, never read and never credited back. The connection point's handler then
+    waits for credit forever, and once the abandoned answers hold the tunnel's whole
+    window, every later response body on that tunnel waits forever too."""
+    dep = stack_factory("abandon", instances=1, connectors=1,
+                        overrides={"tunnel": {"stream_window": MIB, "tunnel_window": 2 * MIB}})
+    path, name = _dp_file(dep, 4 * MIB)
+    dep.cmg.stall("DP")
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):  # 3 x 1 MiB of abandoned answers > the 2 MiB tunnel window
+                with pytest.raises(asyncio.TimeoutError):
+                    async with await dep.request(s, "GET", path, timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                        await r.read()
+    finally:
+        dep.cmg.unstall("DP")
+    # The DP now answers the abandoned requests; the tunnel must still carry a whole download.
+    await asyncio.sleep(1.0)
+    digest = hashlib.sha256()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        try:
+            async with await dep.request(s, "GET", path) as r:
+                assert r.status == 200
+                async for chunk in r.content.iter_chunked(256 * 1024):
+                    digest.update(chunk)
+        except asyncio.TimeoutError:
+            pytest.fail("a download after the abandoned ones hung: the tunnel has no credit left")
+    assert digest.hexdigest() == content_sha256("Content_0005.1", name)
+    # The connection point saw each abandoned stream reset ("cancelled by the CMG").
+    log = dep.path("logs_dir") / "SMS_Cloud_ProxyConnector_CMGCP01.log"
+    deadline = time.monotonic() + 10
+    while log.read_text().count("cancelled by the CMG") < 3:
+        assert time.monotonic() < deadline, "the abandoned streams were never reset towards the connection point"
+        await asyncio.sleep(0.1)
+
+
+@PENDING_FIX_3
+async def test_no_response_head_within_response_timeout_is_a_504(stack_factory):
+    """The bound of last resort: whatever keeps a response head from coming (a stream
+    lost between the ends, a connection point that never answers), the gateway answers
+    504 CMGConnector_GatewayTimeout once service.response_timeout has passed since the
+    last request byte, and resets the stream. Here the MP holds every request, and the
+    connection point's own request_timeout (600 s) is far away."""
+    dep = stack_factory("head-deadline", instances=1, connectors=1,
+                        overrides={"service": {"response_timeout": 2}})
+    dep.cmg.stall("MP")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+            for method, tail, body in (("CCM_POST", "CCM_System/request", b"<not a message>" * 64),
+                                       ("GET", "SMS_MP/.sms_aut?MPLIST", None)):
+                t0 = time.monotonic()
+                async with await dep.request(s, method, dep.mp_path(tail), data=body) as r:
+                    assert (r.status, r.reason) == (504, "CMGConnector_GatewayTimeout"), (method, r.status, r.reason)
+                    await r.read()
+                assert 1.5 < time.monotonic() - t0 < 10, method
+    finally:
+        dep.cmg.unstall("MP")
+    log = dep.path("logs_dir") / "CMGService.log"
+    assert log.read_text().count("within 2 s") == 2
+    # Once the MP answers, the connection point finds both streams reset.
+    cp_log = dep.path("logs_dir") / "SMS_Cloud_ProxyConnector_CMGCP01.log"
+    deadline = time.monotonic() + 10
+    while cp_log.read_text().count("cancelled by the CMG") < 2:
+        assert time.monotonic() < deadline, "the streams were not reset towards the connection point"
+        await asyncio.sleep(0.1)
