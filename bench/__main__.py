@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = Backend(tools["nginx"], workdir, scenarios.server_tls(certs), args.large_mib * MiB).start()
         progress(f"backend nginx: http :{backend.http_port}, https :{backend.https_port}")
         shared = scenarios.Shared(tools, workdir, certs, backend,
-                                  max_client_connections=max(20000, settings.idle_connections + 2000))
+                                  max_client_connections=max(20000, settings.idle_connections + 2000),
+                                  mix_site="cmgmix" in chosen)
         gen = Generators(tools["wrk"], tools["curl"], workdir, tools["taskset"], args.generator_cpus or None, shim)
         for name in names:
             progress(f"starting {name}")

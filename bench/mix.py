@@ -22,7 +22,10 @@ Schedule per connection: 3 ``ccm_post``, 3 ``policy_get``, 3 ``range_read``, 1
 registers one client through the same path (``MP_ClientRegistration``), asks for its
 policy assignments and keeps the policy locations.
 
-Without an MP (``mp_prefix`` empty) only ``range_read`` runs: that is the generator's
+Through the CMG the MP is the mock site behind the connection point (``mp_prefix`` =
+``/CCM_Proxy_MutualAuth/<MP role id>``); through nginx and the SSH tunnel the bench
+starts the same mock site and the proxy sends the MP's paths to it (``mp_prefix`` = "").
+Without an MP (``mp_prefix`` None) only ``range_read`` runs: that is the generator's
 ceiling where there is no ConfigMgr site behind the server (``direct``).
 
 Run as ``python -m bench.mix CONFIG_JSON``; prints one ``MIXJSON {...}`` line. Every loop
@@ -70,7 +73,9 @@ class MixConfig:
     key: str | None
     content_path: str  # full path of the file the range reads address
     content_size: int
-    mp_prefix: str = ""  # "/CCM_Proxy_MutualAuth/<MP role id>"; "" = content reads only
+    # The MP's path prefix: "/CCM_Proxy_MutualAuth/<MP role id>" through the CMG, "" where a
+    # proxy sends the MP's own paths to it; None: no MP, content reads only.
+    mp_prefix: str | None = None
     connections: int = 16
     seconds: float = 2.0
     max_requests: int = 5_000_000
@@ -207,7 +212,7 @@ class Mix:
         self.policies: list[tuple[str, str]] = []  # (path, sha256 hex lower)
         self.upload_body = b""
         self.rng = random.Random(cfg.seed)
-        self.mp_host = f"{cfg.server_name}{cfg.mp_prefix}"
+        self.mp_host = f"{cfg.server_name}{cfg.mp_prefix or ''}"
         self._ccm_turn = 0
 
     # --- one request, timed ---
@@ -241,7 +246,7 @@ class Mix:
 
     async def setup(self, conn: Connection) -> None:
         """Registers the client and learns its policy locations (not measured)."""
-        if not self.cfg.mp_prefix:
+        if self.cfg.mp_prefix is None:
             self.stats.setup = "content reads only (no management point)"
             return
         res = await self.message(conn, "MP_LocationManager", payloads.location_request("SiteInformationRequest"))
@@ -323,7 +328,7 @@ class Mix:
     # --- the run ---
 
     async def _worker(self, index: int, conn: Connection, deadline: float) -> None:
-        schedule = SCHEDULE if self.cfg.mp_prefix else CONTENT_ONLY
+        schedule = SCHEDULE if self.cfg.mp_prefix is not None else CONTENT_ONLY
         turn = index  # connections start at different places in the schedule
         while time.monotonic() < deadline and self.stats.requests < self.cfg.max_requests:
             op = schedule[turn % len(schedule)]

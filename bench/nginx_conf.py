@@ -102,26 +102,24 @@ def backend_conf(workdir: Path, root: Path, http_port: int, https_port: int,
 """
 
 
-def proxy_conf(workdir: Path, name: str, listen_port: int, upstream_port: int,
-               tls: TLSFiles, workers: int = 2, upstream_keepalive: int = 512) -> str:
-    """A TLS reverse proxy, one hop, to ``127.0.0.1:upstream_port`` over keep-alive HTTP/1.1.
+# The management point's own paths (messaging, policy, BITS uploads, .sms_aut, CCM_STS):
+# where a proxy runs the ConfigMgr mix, these go to the mock site's MP.
+MP_PATHS = ("ccm_system", "ccm_system_tokenauth", "SMS_MP", "CCM_Incoming", "CCM_STS")
 
-    Bodies stream both ways (no request or response buffering), as they do through
-    the CMG.
-    """
-    return _common(workdir, name, workers) + f"""http {{
-{_http_common(workdir, name)}
-    upstream upstream_{name.replace("-", "_")} {{
-        server 127.0.0.1:{upstream_port};
-        keepalive {upstream_keepalive};
+
+def _upstream(name: str, port: int, keepalive: int) -> str:
+    return f"""    upstream {name} {{
+        server 127.0.0.1:{port};
+        keepalive {keepalive};
         keepalive_requests 100000000;
         keepalive_timeout 300s;
     }}
-    server {{
-        listen 127.0.0.1:{listen_port} ssl backlog=4096;
-{_tls_server(tls)}        client_max_body_size 0;
-        location / {{
-            proxy_pass http://upstream_{name.replace("-", "_")};
+"""
+
+
+def _location(match: str, upstream: str) -> str:
+    return f"""        location {match} {{
+            proxy_pass http://{upstream};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
@@ -130,6 +128,29 @@ def proxy_conf(workdir: Path, name: str, listen_port: int, upstream_port: int,
             proxy_read_timeout 300s;
             proxy_send_timeout 300s;
         }}
-    }}
+"""
+
+
+def proxy_conf(workdir: Path, name: str, listen_port: int, upstream_port: int,
+               tls: TLSFiles, workers: int = 2, upstream_keepalive: int = 512,
+               mp_port: int | None = None) -> str:
+    """A TLS reverse proxy, one hop, to ``127.0.0.1:upstream_port`` over keep-alive HTTP/1.1.
+
+    Bodies stream both ways (no request or response buffering), as they do through
+    the CMG. With ``mp_port``, the management point's paths (:data:`MP_PATHS`, any
+    method: ``CCM_POST`` and ``BITS_POST`` included) go to ``127.0.0.1:mp_port`` instead.
+    """
+    up = f"upstream_{name.replace('-', '_')}"
+    upstreams = _upstream(up, upstream_port, upstream_keepalive)
+    locations = _location("/", up)
+    if mp_port is not None:
+        upstreams += _upstream(f"{up}_mp", mp_port, 64)
+        locations += _location(f"~* ^/({'|'.join(MP_PATHS)})(/|$)", f"{up}_mp")
+    return _common(workdir, name, workers) + f"""http {{
+{_http_common(workdir, name)}
+{upstreams}    server {{
+        listen 127.0.0.1:{listen_port} ssl backlog=4096;
+{_tls_server(tls)}        client_max_body_size 0;
+{locations}    }}
 }}
 """

@@ -21,7 +21,7 @@ from cmg.launcher import Stack, free_port, free_port_run
 
 from . import nginx_conf
 from .load import Target
-from .servers import Backend, Nginx, SshTunnel
+from .servers import Backend, MockSite, Nginx, SshTunnel
 
 MP_ROLE_ID = ROLE_ID_BASE + 3
 DP_ROLE_ID = ROLE_ID_BASE + 6
@@ -41,6 +41,8 @@ class Shared:
     # The gateway's cap on client TLS connections per instance (service.max_connections):
     # above what idle-6000 opens, plus the other workloads' connections.
     max_client_connections: int = 20000
+    # Run the mock site's MP behind nginx and the SSH tunnel too (for cmgmix).
+    mix_site: bool = False
 
     @property
     def tls(self) -> nginx_conf.TLSFiles:
@@ -66,6 +68,8 @@ class Running:
     mp_prefix: str | None = None
     # The process group that holds the client TLS connections (idle-6000's RSS per connection).
     serving_group: str = "backend"
+    # Measured in the mix's rows besides ``groups``: the mock site (the MP's process).
+    mix_groups: dict[str, Callable[[], list[int]]] = dataclasses.field(default_factory=dict)
 
 
 def without_cert(target: Target, prefix: str | None = None, headers: tuple[str, ...] = ()) -> Target:
@@ -161,37 +165,59 @@ def cmg(shared: Shared, instances: int, connectors: int) -> Iterator[Running]:
                       {"gateway": pids("gateway"), "connector": pids("connector"),
                        "backend": lambda: [be.nginx.proc.pid]},
                       f"gateway x{instances} -> tunnel -> connection point x{connectors} -> backend",
-                      nocert=nocert, mp_prefix=f"/CCM_Proxy_MutualAuth/{MP_ROLE_ID}", serving_group="gateway")
+                      nocert=nocert, mp_prefix=f"/CCM_Proxy_MutualAuth/{MP_ROLE_ID}", serving_group="gateway",
+                      mix_groups={"site": pids("site")})
     finally:
         stack.stop()
+
+
+def _mix_site(shared: Shared, name: str) -> MockSite | None:
+    """The mock site for the mix behind a proxy (its MP), or None when the mix is not run."""
+    if not shared.mix_site:
+        return None
+    site = cmg_overrides(shared.certs, f"http://127.0.0.1:{shared.backend.http_port}", 1)["site"]
+    return MockSite(shared.workdir, name, shared.certs, site)
 
 
 @contextlib.contextmanager
 def nginx_proxy(shared: Shared) -> Iterator[Running]:
     port = free_port()
+    site = _mix_site(shared, "proxy-site")
     proxy = Nginx(shared.tools["nginx"], shared.workdir, "proxy",
-                  nginx_conf.proxy_conf(shared.workdir, "proxy", port, shared.backend.http_port, shared.tls),
+                  nginx_conf.proxy_conf(shared.workdir, "proxy", port, shared.backend.http_port, shared.tls,
+                                        mp_port=site.mp_port if site else None),
                   [port])
     try:
+        if site is not None:
+            site.start()
         proxy.start()
         be = shared.backend
         target = shared.target(port)
         yield Running("nginx", target, {"proxy": lambda: [proxy.proc.pid],
                                         "backend": lambda: [be.nginx.proc.pid]},
-                      "nginx TLS reverse proxy -> backend", nocert=without_cert(target), serving_group="proxy")
+                      "nginx TLS reverse proxy -> backend" + (" (MP paths -> mock site)" if site else ""),
+                      nocert=without_cert(target), serving_group="proxy",
+                      mp_prefix="" if site else None,
+                      mix_groups={"site": lambda: [site.proc.pid]} if site else {})
     finally:
         proxy.stop()
+        if site is not None:
+            site.stop()
 
 
 @contextlib.contextmanager
 def ssh_tunnel(shared: Shared) -> Iterator[Running]:
+    site = _mix_site(shared, "ssh-site")
     tunnel = SshTunnel(shared.tools["sshd"], shared.tools["ssh"], shared.tools["ssh-keygen"],
-                       shared.workdir, shared.backend.http_port)
+                       shared.workdir, shared.backend.http_port, mp_port=site.mp_port if site else None)
     port = free_port()
     proxy = Nginx(shared.tools["nginx"], shared.workdir, "sshproxy",
-                  nginx_conf.proxy_conf(shared.workdir, "sshproxy", port, tunnel.remote_port, shared.tls),
+                  nginx_conf.proxy_conf(shared.workdir, "sshproxy", port, tunnel.remote_port, shared.tls,
+                                        mp_port=tunnel.remote_mp_port),
                   [port])
     try:
+        if site is not None:
+            site.start()
         tunnel.start()
         proxy.start()
         be = shared.backend
@@ -199,11 +225,14 @@ def ssh_tunnel(shared: Shared) -> Iterator[Running]:
         yield Running("ssh-tunnel", target,
                       {"proxy": lambda: [proxy.proc.pid], "sshd": lambda: [tunnel.sshd.pid],
                        "ssh": lambda: [tunnel.ssh.pid], "backend": lambda: [be.nginx.proc.pid]},
-                      "nginx TLS -> sshd -> ssh -R (on-prem) -> backend", nocert=without_cert(target),
-                      serving_group="proxy")
+                      "nginx TLS -> sshd -> ssh -R (on-prem) -> backend" + (" (MP paths -> mock site)" if site else ""),
+                      nocert=without_cert(target), serving_group="proxy", mp_prefix="" if site else None,
+                      mix_groups={"site": lambda: [site.proc.pid]} if site else {})
     finally:
         proxy.stop()
         tunnel.stop()
+        if site is not None:
+            site.stop()
 
 
 def open_scenario(name: str, shared: Shared) -> contextlib.AbstractContextManager[Running]:

@@ -7,10 +7,12 @@ started by the one launcher (``cmg.launcher.Stack``), never here.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +166,39 @@ class Backend:
         self.nginx.stop()
 
 
+class MockSite:
+    """The emulator's mock ConfigMgr site (``python -m mock_site``) on its own, for the
+    scenarios without a CMG that run the ConfigMgr mix: its MP behind their proxy.
+
+    ``site`` is the ``[site]`` table of the CMG scenarios' overrides (the same roles and
+    ports scheme), so the MP is the same code with the same logging as behind the CMG.
+    """
+
+    def __init__(self, workdir: Path, name: str, certs: Path, site: dict[str, object]) -> None:
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.mp_port = int(site["mp_port"])  # type: ignore[call-overload]
+        conf = self.dir / "site.json"
+        conf.write_text(json.dumps({
+            "certificates": {"dir": str(certs)},
+            "logging": {"dir": str(self.dir / "logs")},
+            "site": {**site, "data_dir": str(self.dir / "data")},
+        }, indent=2))
+        root = Path(__file__).resolve().parent.parent
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        self.proc = Managed(name, [sys.executable, "-m", "mock_site", "--config", str(conf), "--dir", str(self.dir)],
+                            self.dir / "mock_site.out", env=env)
+
+    def start(self) -> "MockSite":
+        self.proc.start(self.dir)
+        wait_port(self.mp_port, self.proc, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
 class SshTunnel:
     """sshd on loopback ("cloud") and ``ssh -tt -R`` dialled to it from "on-prem".
 
@@ -172,12 +207,15 @@ class SshTunnel:
     """
 
     def __init__(self, sshd: str, ssh: str, keygen: str, workdir: Path, backend_port: int,
-                 hold_seconds: int = 7200) -> None:
+                 hold_seconds: int = 7200, mp_port: int | None = None) -> None:
         self.dir = workdir / "ssh"
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         self.port = free_port()
         self.remote_port = free_port()
+        # The mock site's MP ("on-prem" too) over the same SSH connection, when given.
+        self.remote_mp_port = free_port() if mp_port is not None else None
+        more = ((self.remote_mp_port, mp_port),) if mp_port is not None and self.remote_mp_port else ()
         user = _user()
         host_key = self.dir / "host_ed25519"
         client_key = self.dir / "client_ed25519"
@@ -196,7 +234,8 @@ class SshTunnel:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.sshd = Managed("sshd", [sshd, "-D", "-e", "-f", str(conf)], self.dir / "sshd.log")
         self.ssh = Managed("ssh", ssh_conf.ssh_reverse_argv(ssh, self.port, client_key, known, user,
-                                                            self.remote_port, backend_port, hold_seconds),
+                                                            self.remote_port, backend_port, hold_seconds,
+                                                            more),
                            self.dir / "ssh.log")
 
     def start(self) -> "SshTunnel":
@@ -204,6 +243,8 @@ class SshTunnel:
         wait_port(self.port, self.sshd)
         self.ssh.start(self.dir)
         wait_port(self.remote_port, self.ssh, timeout=20)
+        if self.remote_mp_port is not None:
+            wait_port(self.remote_mp_port, self.ssh, timeout=20)
         return self
 
     def stop(self) -> None:

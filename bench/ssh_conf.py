@@ -51,8 +51,10 @@ Subsystem sftp internal-sftp
 
 
 def ssh_reverse_argv(ssh: str, port: int, identity: Path, known_hosts: Path, user: str,
-                     remote_port: int, backend_port: int, hold_seconds: int) -> list[str]:
-    """The "on-prem" side: dial sshd and publish ``backend_port`` as its ``remote_port``.
+                     remote_port: int, backend_port: int, hold_seconds: int,
+                     more: tuple[tuple[int, int], ...] = ()) -> list[str]:
+    """The "on-prem" side: dial sshd and publish ``backend_port`` as its ``remote_port``
+    (and each ``(remote, local)`` of ``more`` the same way, over the same connection).
 
     ``-tt`` and a command make the session interactive (``TCP_NODELAY`` on both ends);
     the command (``sleep``) bounds the tunnel's life even if the bench is killed.
@@ -75,6 +77,7 @@ def ssh_reverse_argv(ssh: str, port: int, identity: Path, known_hosts: Path, use
         "-o", "ControlPath=none",
         "-F", "/dev/null",
         "-R", f"127.0.0.1:{remote_port}:127.0.0.1:{backend_port}",
+        *(a for r, local in more for a in ("-R", f"127.0.0.1:{r}:127.0.0.1:{local}")),
         f"{user}@127.0.0.1",
         f"sleep {int(hold_seconds)}",
     ]

@@ -141,7 +141,7 @@ def run_get(gen: Generators, run: Running, s: Settings, workload: str, connectio
     if nocert:
         row.note += ("; no client certificate" + ("; CCM_Proxy_ServerAuth with a site-issued CCM token "
                                                    "(Authorization: Bearer), checked by the gateway"
-                                                   if run.mp_prefix else ""))
+                                                   if run.name.startswith("cmg") else ""))
     return row
 
 
@@ -214,12 +214,11 @@ def _mix_config(run: Running, s: Settings, seconds: float) -> dict[str, Any]:
             "cert": str(t.client_cert) if t.client_cert else None,
             "key": str(t.client_key) if t.client_key else None,
             "content_path": t.path(LARGE), "content_size": s.large_size,
-            "mp_prefix": run.mp_prefix or "", "connections": MIX_CONNECTIONS, "seconds": seconds}
+            "mp_prefix": run.mp_prefix, "connections": MIX_CONNECTIONS, "seconds": seconds}
 
 
-MIX_SKIPPED = ("skipped: the mix's management-point requests (CCM_POST, BITS_POST, policy) need the "
-               "ConfigMgr site, which only the cmg scenarios run; proxying them to a mock site here would "
-               "measure a different backend than its Range reads, so there is no fair comparison")
+MIX_SKIPPED = ("skipped: no ConfigMgr site behind this scenario (the mix's CCM_POST, BITS_POST and "
+               "policy requests need a management point)")
 MIX_CEILING = ("the mix generator's ceiling, not the mix: Range reads only (64 KiB at random offsets of the "
                "large file), since there is no management point behind the backend; no ratios")
 
@@ -237,7 +236,7 @@ def run_mix(gen: Generators, run: Running, s: Settings, progress: Progress) -> R
         return row
     results: list[dict[str, Any]] = []
     gen_cpu = 0.0
-    with Monitor(run.groups) as mon:
+    with Monitor({**run.groups, **run.mix_groups}) as mon:
         for rep in range(reps):
             r, _ = gen.mix(_mix_config(run, s, s.new_seconds), timeout=s.new_seconds + 120)
             results.append(r)
@@ -270,9 +269,14 @@ def run_mix(gen: Generators, run: Running, s: Settings, progress: Progress) -> R
     if run.mp_prefix is None:
         row.note = f"{MIX_CEILING}; generator {gen_cores:.2f} cores"
     else:
-        row.note = (f"ConfigMgr mix through the CMG: MP on the mock site, Range reads from the DP role (the "
-                    f"backend); ops {ops}; p50 per op (ms, last rep) {op_p50}; a BITS upload is 3 requests; "
-                    f"MB/s counts both directions; generator {gen_cores:.2f} cores (asyncio+uvloop, pinned)")
+        where = ("through the CMG: MP on the mock site (via the connection point), Range reads from the DP "
+                 "role (the backend)" if run.name.startswith("cmg") else
+                 "the same requests: the MP's paths proxied by nginx" + (" over the SSH tunnel" if run.name ==
+                                                                          "ssh-tunnel" else "")
+                 + " to the same mock site code (started for this scenario), Range reads from the backend")
+        row.note = (f"ConfigMgr mix {where}; site = the mock site's process; ops {ops}; p50 per op (ms, last "
+                    f"rep) {op_p50}; a BITS upload is 3 requests; MB/s counts both directions; generator "
+                    f"{gen_cores:.2f} cores (asyncio+uvloop, pinned)")
     return row
 
 

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from bench import nginx_conf, report, scenarios, sysdeps, workloads
+from bench import nginx_conf, report, scenarios, ssh_conf, sysdeps, workloads
 from bench.__main__ import main
 from bench.idle import IdleConnections, raise_nofile
 from bench.load import Generators, Target, _read_response, build_shim
@@ -81,6 +81,23 @@ def test_cmg_overrides_raise_the_connection_cap(tmp_path: Path) -> None:
     assert o["site"]["entra_port"] not in (o["site"]["mp_port"], o["site"]["dp_port"])
 
 
+def test_proxy_sends_the_management_points_paths_to_the_mock_site() -> None:
+    tls = nginx_conf.TLSFiles(Path("/w/s.pem"), Path("/w/s.key"), Path("/w/cas.pem"))
+    plain = nginx_conf.proxy_conf(Path("/w"), "proxy", 9443, 8080, tls)
+    assert "upstream_proxy_mp" not in plain and plain.count("location ") == 1
+    text = nginx_conf.proxy_conf(Path("/w"), "proxy", 9443, 8080, tls, mp_port=8003)
+    assert "server 127.0.0.1:8003;" in text and "server 127.0.0.1:8080;" in text
+    assert "location ~* ^/(ccm_system|ccm_system_tokenauth|SMS_MP|CCM_Incoming|CCM_STS)(/|$) {" in text
+    assert "proxy_pass http://upstream_proxy_mp;" in text and "proxy_request_buffering off;" in text
+    assert text.count("{") == text.count("}")
+
+
+def test_ssh_tunnel_can_forward_the_mock_sites_mp_too() -> None:
+    argv = ssh_conf.ssh_reverse_argv("ssh", 22, Path("/k"), Path("/kh"), "u", 9000, 8080, 60, ((9001, 8003),))
+    forwards = [argv[i + 1] for i, a in enumerate(argv) if a == "-R"]
+    assert forwards == ["127.0.0.1:9000:127.0.0.1:8080", "127.0.0.1:9001:127.0.0.1:8003"]
+
+
 # --- against a running cmg-1i1c ---------------------------------------------------------
 
 
@@ -100,7 +117,7 @@ def shared(tools: dict[str, str]) -> Iterator[scenarios.Shared]:
     scenarios.init_pki(certs)
     backend = Backend(tools["nginx"], workdir, scenarios.server_tls(certs), LARGE).start()
     try:
-        yield scenarios.Shared(tools, workdir, certs, backend)
+        yield scenarios.Shared(tools, workdir, certs, backend, mix_site=True)
     finally:
         backend.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -109,6 +126,12 @@ def shared(tools: dict[str, str]) -> Iterator[scenarios.Shared]:
 @pytest.fixture(scope="module")
 def cmg(shared: scenarios.Shared) -> Iterator[scenarios.Running]:
     with scenarios.open_scenario("cmg-1i1c", shared) as run:
+        yield run
+
+
+@pytest.fixture(scope="module")
+def nginx(shared: scenarios.Shared) -> Iterator[scenarios.Running]:
+    with scenarios.open_scenario("nginx", shared) as run:
         yield run
 
 
@@ -123,7 +146,7 @@ def _mix_cfg(run: scenarios.Running, **kw: object) -> MixConfig:
     host, port = t.address
     base = dict(host=host, port=port, server_name=t.host, ca=str(t.ca), cert=str(t.client_cert),
                 key=str(t.client_key), content_path=t.path(workloads.LARGE), content_size=LARGE,
-                mp_prefix=run.mp_prefix or "", connections=4, seconds=1.0)
+                mp_prefix=run.mp_prefix, connections=4, seconds=1.0)
     base.update(kw)
     return MixConfig(**base)  # type: ignore[arg-type]
 
@@ -143,9 +166,18 @@ def test_mix_runs_every_operation_through_the_cmg(cmg: scenarios.Running) -> Non
 
 
 @pytest.mark.integration
+def test_mix_runs_the_same_requests_through_nginx_to_a_mock_site(nginx: scenarios.Running) -> None:
+    assert nginx.mp_prefix == "" and set(nginx.mix_groups) == {"site"}
+    res = run_mix(_mix_cfg(nginx, connections=2))
+    assert res.errors == 0, res.error_samples
+    assert res.setup.startswith("registered GUID:")
+    assert all(res.ops[op] > 0 for op in OPS), res.ops
+
+
+@pytest.mark.integration
 def test_mix_counts_refused_requests_as_errors(cmg: scenarios.Running) -> None:
     # a content path the DP does not have: every range read is answered 404
-    res = run_mix(_mix_cfg(cmg, mp_prefix="", content_path=cmg.target.path("/SMS_DP_SMSPKG$/bench/none.bin"),
+    res = run_mix(_mix_cfg(cmg, mp_prefix=None, content_path=cmg.target.path("/SMS_DP_SMSPKG$/bench/none.bin"),
                            seconds=0.5, connections=2))
     assert res.ok == 0 and res.errors > 0
     assert "HTTP 404" in res.error_samples[0]
