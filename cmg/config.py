@@ -157,6 +157,9 @@ class GatewayConfig:
     # each instance has a host of its own (containers), else the monitoring address.
     monitoring_peer_hosts: tuple[str, ...]
     listen_grace: float  # at start, wait this long for a connection point before taking clients
+    # No response head this long after the last request byte went out: 504, stream reset.
+    # A bound of last resort (the connection point answers 504 after its request_timeout).
+    response_timeout: float = 630.0
 
     @property
     def monitoring_port(self) -> int:
@@ -243,6 +246,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "monitoring_bind": str,
         "monitoring_base_port": int,
         "listen_grace": (int, float),
+        "response_timeout": (int, float),
     },
     "certificates": {
         "dir": str,
@@ -372,6 +376,7 @@ class Deployment:
     monitoring_bind: str = "127.0.0.1"
     monitoring_base_port: int = 9124
     listen_grace: float = 10.0
+    response_timeout: float = 0.0  # 0: connection_point.request_timeout + 30 s
     certs: Mapping[str, Any] = field(default_factory=dict)
     site_code: str = DEFAULT_SITE_CODE
     site_bind: str = "127.0.0.1"
@@ -503,6 +508,7 @@ class Deployment:
             else (self.monitoring_bind if self.monitoring_bind not in ("0.0.0.0", "::") else "127.0.0.1",)
             * self.instances,
             listen_grace=self.listen_grace,
+            response_timeout=self.response_timeout or self.request_timeout + 30.0,
         )
 
     def connection_point(self, name: str) -> ConnectionPointConfig:
@@ -651,7 +657,8 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
         kw["enforce_tls12"] = service["enforce_tls12"]
     if "max_request_body" in service:
         kw["max_request_body"] = int(_positive("service.max_request_body", service["max_request_body"]))
-    for key in ("drain_timeout", "traffic_summary_interval", "client_header_timeout", "client_body_timeout"):
+    for key in ("drain_timeout", "traffic_summary_interval", "client_header_timeout", "client_body_timeout",
+                "response_timeout"):
         if key in service:
             kw[key] = float(_positive(f"service.{key}", service[key]))
     if "listen_grace" in service:

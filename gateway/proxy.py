@@ -197,13 +197,18 @@ class ClientRequestHandler:
         message_id = new_message_id()
         headers = self._request_headers(request, identity, message_id)
         has_body = request.body_exists
+        safe = request.method in SAFE_METHODS
         target = request.raw_path
+        timeout = self._config.response_timeout
         stream: TunnelStream | None = None
         link: ConnectorLink | None = None
         for candidate in self._routes.candidates(cp.role_id):
             try:
+                # A request that may not be replayed waits until its head left for the
+                # tunnel: one whose tunnel died before that goes to the next connection
+                # point, its body still unread. A safe one is replayed if need be.
                 stream = await candidate.session.open_stream(
-                    request.method, target, headers, end_stream=not has_body)
+                    request.method, target, headers, end_stream=not has_body, wait_sent=has_body or not safe)
             except (DrainingError, TooManyStreamsError, TunnelClosedError) as exc:
                 self._log.info("Connection point %s cannot take message %s: %s",
                                candidate.name, message_id, exc.__class__.__name__)
@@ -213,7 +218,12 @@ class ClientRequestHandler:
                 # one refused it unprocessed (REFUSED_STREAM), or, for a safe method, when
                 # its tunnel died before any answer (replaying a GET harms nobody).
                 try:
-                    head = await stream.response()
+                    head = await stream.response(timeout)
+                except TimeoutError:
+                    stream.reset(ErrorCode.CANCEL, "no response head in time")
+                    return self._failed(request, cp, start, errors.GATEWAY_TIMEOUT,
+                                        f"no answer to message {message_id} from {candidate.name} "
+                                        f"within {timeout:g} s", candidate)
                 except StreamResetError as exc:
                     if exc.code is ErrorCode.REFUSED_STREAM:
                         self._log.info("Connection point %s refused message %s; trying the next",
@@ -223,13 +233,18 @@ class ClientRequestHandler:
                     return self._failed(request, cp, start, _error_for(exc.code),
                                         f"message {message_id} reset by {candidate.name}: {exc}", candidate)
                 except TunnelClosedError:
-                    if request.method in SAFE_METHODS:
+                    if safe:
                         self._log.info("Tunnel to %s closed before message %s was answered; trying the next",
                                        candidate.name, message_id)
                         stream = None
                         continue
                     return self._failed(request, cp, start, errors.BAD_GATEWAY,
                                         f"tunnel to {candidate.name} closed during message {message_id}", candidate)
+                except BaseException:
+                    # The client went away (the handler is cancelled): reset the stream, or
+                    # the answer is buffered here unread and its credit is never returned.
+                    stream.reset(ErrorCode.CANCEL, "client went away")
+                    raise
                 link = candidate
                 return await self._relay(request, cp, link, stream, None, head, start, 0)
             link = candidate
@@ -242,7 +257,14 @@ class ClientRequestHandler:
         sent = [0]
         upload = asyncio.ensure_future(self._pump_request(request, stream, sent))
         try:
-            head = await stream.response()
+            head = await self._response_head(stream, upload, sent, timeout)
+        except TimeoutError:
+            upload.cancel()
+            stream.reset(ErrorCode.CANCEL, "no response head in time")
+            link.active_requests -= 1
+            return self._failed(request, cp, start, errors.GATEWAY_TIMEOUT,
+                                f"no answer to message {message_id} from {link.name} within {timeout:g} s "
+                                "of its last request byte", link, sent[0])
         except (StreamResetError, TunnelClosedError) as exc:
             upload.cancel()
             link.active_requests -= 1
@@ -257,6 +279,20 @@ class ClientRequestHandler:
             raise
         link.active_requests -= 1
         return await self._relay(request, cp, link, stream, upload, head, start, sent)
+
+    @staticmethod
+    async def _response_head(stream: TunnelStream, upload: asyncio.Future[None], sent: list[int],
+                             timeout: float) -> object:
+        """The response head; TimeoutError when none came within ``timeout`` of the last
+        request byte (a bound of last resort: no request waits forever)."""
+        while True:
+            before = sent[0]
+            try:
+                return await stream.response(timeout)
+            except TimeoutError:
+                if not upload.done() and sent[0] != before:
+                    continue  # the request body is still flowing: the clock starts again
+                raise
 
     async def _relay(self, request: web.BaseRequest, cp: ClientPath, link: ConnectorLink,
                      stream: TunnelStream, upload: asyncio.Future[None] | None, head: object,
@@ -302,6 +338,10 @@ class ClientRequestHandler:
             stream.reset(ErrorCode.CANCEL, "client went away")
             raise
         finally:
+            if not complete:
+                # Whatever ended the relay early (the client, a write error of any kind): an
+                # open stream would hold the tunnel's credit for good. A no-op once closed.
+                stream.reset(ErrorCode.CANCEL, "response not relayed")
             if upload is not None and not upload.done():
                 upload.cancel()
                 stream.reset(ErrorCode.CANCEL, "response complete before the request body")

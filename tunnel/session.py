@@ -109,12 +109,15 @@ class TunnelStream:
         """Whether the stream is over on the wire (both ends finished, reset, or tunnel gone)."""
         return not self._session.protocol.stream_is_open(self.stream_id)
 
-    async def response(self) -> ResponseReceived:
-        """Gateway side: wait for the response head. Raises StreamResetError, TunnelClosedError."""
+    async def response(self, timeout: float | None = None) -> ResponseReceived:
+        """Gateway side: wait for the response head, at most ``timeout`` seconds.
+
+        Raises StreamResetError, TunnelClosedError, TimeoutError (the stream stays open).
+        """
         while self._response is None:
             if self._read_error is not None:
                 raise self._read_error
-            await self._wait_readable()
+            await self._wait_readable(timeout)
         return self._response
 
     async def send_response(self, status: int, reason: str, headers: Headers, end_stream: bool = False,
@@ -232,12 +235,17 @@ class TunnelStream:
                 raise TunnelClosedError(self._session.close_reason or "the tunnel is closed")
             raise StreamClosedError(f"stream {self.stream_id} is closed for sending")
 
-    async def _wait_readable(self) -> None:
-        waiter = self._read_waiter = asyncio.get_running_loop().create_future()
+    async def _wait_readable(self, timeout: float | None = None) -> None:
+        """Until woken; TimeoutError after ``timeout`` s (a timer, not a wait_for task)."""
+        loop = asyncio.get_running_loop()
+        waiter = self._read_waiter = loop.create_future()
+        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
         try:
             await waiter
         finally:
             self._read_waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def _wake_reader(self) -> None:
         waiter = self._read_waiter
@@ -376,9 +384,13 @@ class TunnelSession:
         self._kick()
         self._handshake_event.set()
 
-    async def open_stream(self, method: str, target: str, headers: Headers, end_stream: bool = False) -> TunnelStream:
+    async def open_stream(self, method: str, target: str, headers: Headers, end_stream: bool = False,
+                          wait_sent: bool = False) -> TunnelStream:
         """Gateway side: send a request head on a new stream.
 
+        With ``wait_sent``, return only once the head was handed to the websocket: a
+        tunnel that died before that raises TunnelClosedError here, so the caller knows
+        the request went nowhere (and may send it elsewhere, body and all).
         Raises DrainingError, TooManyStreamsError, LocalProtocolError, TunnelClosedError.
         """
         if self.closed:
@@ -387,7 +399,16 @@ class TunnelSession:
         stream = TunnelStream(self, stream_id)
         self._streams[stream_id] = stream
         self.logger.debug("%s: opened stream %d: %s %s", self.name, stream_id, method, target)
-        await self._flush()
+        try:
+            if wait_sent:
+                await self._sent()
+            else:
+                await self._flush()
+        except BaseException:
+            # The caller never gets this stream (cancelled, or the tunnel died): reset it, or
+            # an answer to a head that went out anyway is buffered unread for good.
+            stream.reset(ErrorCode.CANCEL, "request abandoned")
+            raise
         return stream
 
     async def drain(self) -> None:
@@ -425,11 +446,15 @@ class TunnelSession:
 
         Raises TunnelClosedError once the writer has stopped.
         """
-        generation = self._kick()
+        self._kick()
         if self._writer_done:
             raise TunnelClosedError(self.close_reason or "the tunnel is closed")
-        if self.protocol.pending_output < FLUSH_AHEAD:
-            return
+        if self.protocol.pending_output >= FLUSH_AHEAD:
+            await self._sent()
+
+    async def _sent(self) -> None:
+        """Wait until everything queued so far was handed to the websocket."""
+        generation = self._kick()
         self._progress_waiters += 1
         try:
             while self._sent_gen < generation:
@@ -702,6 +727,11 @@ class TunnelSession:
             self._notify_progress()
             self._closed_event.set()
             self.logger.info("%s: tunnel closed: %s", self.name, self.close_reason)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _coalesce(frames: Iterable[bytes]) -> Iterable[bytes]:

@@ -14,11 +14,6 @@ from mock_site.content import content_sha256
 
 pytestmark = pytest.mark.integration
 
-# The fixes are in gateway/proxy.py and cmg/config.py, handed over as diffs (issue 5,
-# /tmp/issue5-fix-1.diff and -3.diff); remove these markers when they land.
-PENDING_FIX_1 = pytest.mark.xfail(reason="issue 5 fix 1 (gateway/proxy.py) not applied yet", strict=False)
-PENDING_FIX_3 = pytest.mark.xfail(reason="issue 5 fix 3 (service.response_timeout) not applied yet", strict=False)
-
 MIB = 1024 * 1024
 
 
@@ -27,7 +22,6 @@ def _dp_file(dep, size: int) -> tuple[str, str]:
     return f"/CCM_Proxy_MutualAuth/{dep.role('DP')['role_id']}/SMS_DP_SMSPKG$/Content_0005.1/{name}", name
 
 
-@PENDING_FIX_1
 async def test_a_client_that_gives_up_before_the_answer_leaks_no_tunnel_credit(stack_factory):
     """A client that goes away while its GET waits for the response head (here: the DP
     holds the answer) cancels the gateway's request handler. Its stream must be reset
@@ -67,7 +61,6 @@ async def test_a_client_that_gives_up_before_the_answer_leaks_no_tunnel_credit(s
         await asyncio.sleep(0.1)
 
 
-@PENDING_FIX_3
 async def test_no_response_head_within_response_timeout_is_a_504(stack_factory):
     """The bound of last resort: whatever keeps a response head from coming (a stream
     lost between the ends, a connection point that never answers), the gateway answers

@@ -496,3 +496,36 @@ async def test_writers_queue_ahead_but_wait_once_the_websocket_stops_taking_data
         gate.set()
         await asyncio.wait_for(writer, 10)
         assert (await asyncio.wait_for(stream.response(), 10)).status == 200
+
+
+async def test_open_stream_wait_sent_raises_when_the_head_never_left() -> None:
+    async with session_pair() as pair:
+        ws = pair.gateway.websocket
+
+        async def broken_send(message: bytes) -> None:
+            raise ConnectionError("connection reset")
+
+        ws.send = broken_send  # type: ignore[method-assign]
+        # Without wait_sent the head is only queued: open_stream() returns a stream...
+        queued = await pair.gateway.open_stream("GET", "/a", [], end_stream=True)
+        # ... whose answer then fails with the tunnel.
+        with pytest.raises(TunnelClosedError):
+            await asyncio.wait_for(queued.response(), 5)
+        with pytest.raises(TunnelClosedError):
+            await asyncio.wait_for(pair.gateway.open_stream("POST", "/b", [], wait_sent=True), 5)
+
+
+async def test_response_timeout_leaves_the_stream_open() -> None:
+    release = asyncio.Event()
+
+    async def slow(stream: TunnelStream) -> None:
+        await release.wait()
+        await stream.send_response(200, "OK", [], end_stream=True)
+
+    async with session_pair(slow) as pair:
+        stream = await pair.gateway.open_stream("GET", "/slow", [], end_stream=True)
+        with pytest.raises(TimeoutError):
+            await stream.response(0.05)
+        assert not stream.done
+        release.set()
+        assert (await asyncio.wait_for(stream.response(), 5)).status == 200
