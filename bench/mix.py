@@ -89,6 +89,7 @@ class MixConfig:
 @dataclass
 class MixResult:
     requests: int = 0  # answered requests (any status)
+    unmeasured: int = 0  # answered before the clock started (set-up, warm-up)
     ok: int = 0  # answered as expected
     errors: int = 0  # unexpected status, wrong body, socket errors, timeouts
     seconds: float = 0.0
@@ -224,6 +225,8 @@ class Mix:
         if self.measuring:
             self.latencies.append((time.perf_counter() - t0) * 1000.0)
             self.stats.requests += 1
+        else:
+            self.stats.unmeasured += 1
         return res
 
     def _expect(self, res: Response, status: int, what: str) -> None:
@@ -362,9 +365,9 @@ class Mix:
         conns = [Connection(cfg, self.ctx, self.stats) for _ in range(cfg.connections)]
         try:
             # Connections up and a round of every operation before the clock starts.
-            warm_deadline = time.monotonic() + min(0.5, cfg.seconds)
+            warm_deadline = time.monotonic() + min(0.5, cfg.seconds / 4)
             await asyncio.wait_for(asyncio.gather(*(self._worker(i, c, warm_deadline) for i, c in enumerate(conns))),
-                                   0.5 + cfg.timeout + 5)
+                                   cfg.seconds / 4 + cfg.timeout + 5)
             self.measuring = True
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.monotonic()
