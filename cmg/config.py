@@ -150,6 +150,7 @@ class GatewayConfig:
     roles: tuple[RoleConfig, ...]  # what the site may publish through this CMG
     client_header_timeout: float  # a request head must be complete this long after its first byte
     client_body_timeout: float  # a request body may pause this long at most
+    client_send_timeout: float  # a client may leave a response unread this long at most
     max_connections: int  # client TLS connections per instance; more are closed at once
     monitoring_bind: str  # /metrics, /healthz, /readyz, /status: never on the client port
     monitoring_base_port: int  # instance i: base + i
@@ -242,6 +243,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "traffic_summary_interval": (int, float),
         "client_header_timeout": (int, float),
         "client_body_timeout": (int, float),
+        "client_send_timeout": (int, float),
         "max_connections": int,
         "monitoring_bind": str,
         "monitoring_base_port": int,
@@ -372,6 +374,7 @@ class Deployment:
     traffic_summary_interval: float = 300.0
     client_header_timeout: float = 15.0
     client_body_timeout: float = 120.0
+    client_send_timeout: float = 120.0
     max_connections: int = 20000
     monitoring_bind: str = "127.0.0.1"
     monitoring_base_port: int = 9124
@@ -500,6 +503,7 @@ class Deployment:
             roles=self.roles,
             client_header_timeout=self.client_header_timeout,
             client_body_timeout=self.client_body_timeout,
+            client_send_timeout=self.client_send_timeout,
             max_connections=self.max_connections,
             monitoring_bind=self.monitoring_bind,
             monitoring_base_port=self.monitoring_base_port,
@@ -658,6 +662,7 @@ def from_dict(data: Mapping[str, Any], base_dir: Path) -> Deployment:
     if "max_request_body" in service:
         kw["max_request_body"] = int(_positive("service.max_request_body", service["max_request_body"]))
     for key in ("drain_timeout", "traffic_summary_interval", "client_header_timeout", "client_body_timeout",
+                "client_send_timeout",
                 "response_timeout"):
         if key in service:
             kw[key] = float(_positive(f"service.{key}", service[key]))

@@ -211,7 +211,7 @@ class _Conn(asyncio.Protocol):
         if self.error is None:
             self.error = error
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()  # never wait to flush to a role that stopped reading
         self._wake()
 
     async def wait(self) -> None:

@@ -152,7 +152,8 @@ class GatewayInstance:
                 self.log.warning("Connection limit %d reached: %d connections refused so far",
                                  self.config.max_connections, self._refused_connections)
             return _Refuse()
-        proto = TLSServerProtocol(ctx, web_server, on_lost=self._connections.discard)
+        proto = TLSServerProtocol(ctx, web_server, send_timeout=self.config.client_send_timeout,
+                                  log=self.log, on_lost=self._connections.discard)
         self._connections.add(proto)
         return proto
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from typing import Any, Callable
 
 from cryptography import x509
@@ -108,7 +110,8 @@ class TLSServerProtocol(asyncio.Protocol):
     """One client TCP connection: TLS handshake, then plaintext to the HTTP protocol."""
 
     def __init__(self, context: SSL.Context, app_factory: Callable[[], asyncio.Protocol],
-                 handshake_timeout: float = 30.0,
+                 handshake_timeout: float = 30.0, send_timeout: float = 120.0,
+                 log: logging.Logger = log,
                  on_handshake: Callable[[TLSAppTransport], None] | None = None,
                  on_lost: Callable[["TLSServerProtocol"], None] | None = None) -> None:
         self._on_lost = on_lost
@@ -127,6 +130,9 @@ class TLSServerProtocol(asyncio.Protocol):
         self._handshaken = False
         self._timer: asyncio.TimerHandle | None = None
         self._app_write_paused = False
+        self._send_timeout = send_timeout
+        self.log = log  # the instance's CMGService log
+        self._send_timer: asyncio.TimerHandle | None = None
 
     # --- raw side ---
 
@@ -137,7 +143,7 @@ class TLSServerProtocol(asyncio.Protocol):
 
     def _handshake_timed_out(self) -> None:
         if not self._handshaken:
-            log.info("TLS handshake timed out from %s", self._peer())
+            self.log.info("TLS handshake timed out from %s", self._peer())
             self.abort()
 
     def data_received(self, data: bytes) -> None:
@@ -154,7 +160,7 @@ class TLSServerProtocol(asyncio.Protocol):
                 return
             except SSL.Error as exc:
                 self._flush()  # deliver the alert
-                log.info("TLS handshake failed from %s: %s", self._peer(), _ssl_reason(exc))
+                self.log.info("TLS handshake failed from %s: %s", self._peer(), _ssl_reason(exc))
                 self._close_raw()
                 return
             self._handshake_done()
@@ -211,7 +217,7 @@ class TLSServerProtocol(asyncio.Protocol):
                         self.close_tls()
                 break
             except SSL.Error as exc:
-                log.info("TLS error from %s: %s", self._peer(), _ssl_reason(exc))
+                self.log.info("TLS error from %s: %s", self._peer(), _ssl_reason(exc))
                 self.abort()
                 return
             if self.app is None:
@@ -232,6 +238,9 @@ class TLSServerProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         self.raw = None
         self.closing = True
         app, self.app = self.app, None
@@ -239,14 +248,33 @@ class TLSServerProtocol(asyncio.Protocol):
             app.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        # The client reads nothing of what is sent: it gets send_timeout seconds to start
+        # again, then the connection goes (a stalled reader holds no request for ever).
+        if self._send_timer is None and self.raw is not None:
+            self._send_timer = asyncio.get_running_loop().call_later(self._send_timeout, self._send_timed_out)
         if self.app is not None and not self._app_write_paused:
             self._app_write_paused = True
             self.app.pause_writing()
 
     def resume_writing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self.app is not None and self._app_write_paused:
             self._app_write_paused = False
             self.app.resume_writing()
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        self.log.warning("Client %s read nothing of its response for %.0f s; connection reset",
+                         self._peer(), self._send_timeout)
+        sock = self.raw.get_extra_info("socket") if self.raw is not None else None
+        if sock is not None:  # a reset, not a close: the kernel drops what is still queued
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.abort()
 
     # --- app side ---
 
@@ -256,7 +284,7 @@ class TLSServerProtocol(asyncio.Protocol):
         try:
             self.conn.sendall(data)
         except SSL.Error as exc:
-            log.info("TLS write failed to %s: %s", self._peer(), _ssl_reason(exc))
+            self.log.info("TLS write failed to %s: %s", self._peer(), _ssl_reason(exc))
             self.abort()
             return
         self._flush()

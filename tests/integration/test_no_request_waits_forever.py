@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import time
 
+import ssl
+
 import aiohttp
 import pytest
 
@@ -89,3 +91,43 @@ async def test_no_response_head_within_response_timeout_is_a_504(stack_factory):
     while cp_log.read_text().count("cancelled by the CMG") < 2:
         assert time.monotonic() < deadline, "the streams were not reset towards the connection point"
         await asyncio.sleep(0.1)
+
+
+def test_a_client_that_reads_nothing_of_its_response_is_cut_off(stack_factory):
+    """A client that sends a request and then never reads holds the gateway's handler,
+    its tunnel stream and (during a drain) the instance itself. Once the client has read
+    nothing for service.client_send_timeout, the gateway closes the connection and the
+    stream is reset towards the connection point."""
+    import socket
+
+    dep = stack_factory("stalled-reader", instances=1, connectors=1,
+                        overrides={"service": {"client_send_timeout": 2}})
+    path, _ = _dp_file(dep, 16 * MIB)
+    raw = socket.create_connection((dep.host, dep.port), timeout=10)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = dep.ssl_context().wrap_socket(raw, server_hostname=dep.service_name)
+    try:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {dep.service_name}\r\n\r\n".encode())
+        log = dep.path("logs_dir") / "CMGService.log"
+        deadline = time.monotonic() + 20
+        while "read nothing of its response for 2 s; connection reset" not in log.read_text():
+            assert time.monotonic() < deadline, "a client that reads nothing was never cut off"
+            time.sleep(0.2)
+        # The gateway reset the connection (no lingering flush to a reader that stalls):
+        # what the client reads now ends early, at once.
+        received = 0
+        sock.settimeout(5)
+        t0 = time.monotonic()
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except (OSError, ssl.SSLError):
+            pass
+        assert received < 16 * MIB and time.monotonic() - t0 < 5
+    finally:
+        sock.close()
+    cp_log = dep.path("logs_dir") / "SMS_Cloud_ProxyConnector_CMGCP01.log"
+    deadline = time.monotonic() + 10
+    while "cancelled by the CMG" not in cp_log.read_text():
+        assert time.monotonic() < deadline, "the stream was not reset towards the connection point"
+        time.sleep(0.1)
