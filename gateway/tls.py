@@ -104,6 +104,8 @@ def client_context(identity: ServerIdentity, trusted_roots: tuple[x509.Certifica
         ctx.set_min_proto_version(SSL.TLS1_VERSION)
         ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
+    # An idle connection keeps no record buffers (about 34 KiB each otherwise), as nginx does.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.use_certificate(identity.certificate)
     ctx.use_privatekey(identity.key)  # type: ignore[arg-type]
     for cert in identity.chain:

@@ -126,7 +126,6 @@ class TLSServerProtocol(asyncio.Protocol):
         self.app_transport = TLSAppTransport(self)
         self.closing = False
         self.reading_paused = False
-        self.peer_chain: tuple[x509.Certificate, ...] = ()
         self._handshaken = False
         self._timer: asyncio.TimerHandle | None = None
         self._app_write_paused = False
@@ -173,16 +172,23 @@ class TLSServerProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        chain = self.conn.get_peer_cert_chain(as_cryptography=True) or []
-        leaf = self.conn.get_peer_certificate(as_cryptography=True)
-        if leaf is not None and (not chain or chain[0] != leaf):
-            chain = [leaf, *chain]
-        self.peer_chain = tuple(chain)
         self._flush()
         if self._on_handshake is not None:
             self._on_handshake(self.app_transport)
         self.app = self._app_factory()
         self.app.connection_made(self.app_transport)
+
+    @property
+    def peer_chain(self) -> tuple[x509.Certificate, ...]:
+        """The client's certificate chain, leaf first; made on demand (the gateway asks
+        once per connection and keeps its verdict), so an idle connection holds no copy."""
+        if not self._handshaken:
+            return ()
+        chain = self.conn.get_peer_cert_chain(as_cryptography=True) or []
+        leaf = self.conn.get_peer_certificate(as_cryptography=True)
+        if leaf is not None and (not chain or chain[0] != leaf):
+            chain = [leaf, *chain]
+        return tuple(chain)
 
     def _recv(self) -> bytes | None:
         """The next plaintext, or None when more bytes must arrive first."""
