@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                                   "'cmg' = every cmg variant)")
     p.add_argument("--workloads", help=f"comma-separated workloads ({', '.join(workloads.WORKLOADS)})")
     p.add_argument("--connections", help="keep-alive connection counts for get-1k (default 1,16,64,256)")
-    p.add_argument("--seconds", type=float, help="seconds per wrk run (default 10, --quick 2)")
+    p.add_argument("--seconds", type=float, help="seconds per wrk run (default 10, --quick 1.5)")
     p.add_argument("--reps", type=int, help="repetitions per measurement (default 3)")
     p.add_argument("--generator-cpus", default="1",
                    help="CPU list the load generators are pinned to with taskset ('' = no pinning; default 1)")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     settings = workloads.Settings(
-        seconds=args.seconds or (2.0 if args.quick else 10.0),
+        seconds=args.seconds or (1.5 if args.quick else 10.0),
         reps=args.reps or 3,
         bulk_reps=args.reps or 3,
         connections=conns,
