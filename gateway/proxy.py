@@ -317,17 +317,29 @@ class ClientRequestHandler:
             if k.lower() not in HOP_BY_HOP:
                 resp.headers.add(k.decode("latin-1"), v.decode("latin-1"))
         received = 0
-        complete = False
+        complete = ended = False
         try:
             await resp.prepare(request)
             while True:
-                chunk = await stream.read()
+                try:
+                    chunk = await stream.read(self._config.response_timeout)
+                except TimeoutError:
+                    # Mid-body silence this long: a bound of last resort (the connection
+                    # point's own request_timeout normally comes first).
+                    self._log.warning("Response for %s from %s stalled after %d bytes for %g s; connection closed",
+                                      cp.internal.partition("?")[0], link.name, received,
+                                      self._config.response_timeout)
+                    stream.reset(ErrorCode.CANCEL, "response stalled")
+                    self._abort(request)  # never ended as if complete
+                    break
                 if not chunk:
+                    ended = True
                     break
                 received += len(chunk)
                 await resp.write(chunk)
-            await resp.write_eof()
-            complete = True
+            if ended:
+                await resp.write_eof()
+                complete = True
         except (StreamResetError, TunnelClosedError) as exc:
             # The head is gone already: cut the client off so a truncated body is never
             # taken for a complete one.

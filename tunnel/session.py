@@ -179,11 +179,12 @@ class TunnelStream:
         await self._session._flush()
         self._session._forget(self)
 
-    async def read(self) -> bytes:
+    async def read(self, timeout: float | None = None) -> bytes:
         """The next chunk of the peer's body; b"" once it ended.
 
         Returning a chunk returns its credit to the peer, so at most one stream
-        window is ever buffered. Raises StreamResetError, TunnelClosedError.
+        window is ever buffered. Raises StreamResetError, TunnelClosedError, and
+        TimeoutError when nothing came for ``timeout`` seconds (the stream stays open).
         """
         while True:
             if self._read_error is not None:
@@ -194,7 +195,7 @@ class TunnelStream:
                 return chunk
             if self._eof:
                 return b""
-            await self._wait_readable()
+            await self._wait_readable(timeout)
 
     def buffered_body(self) -> bytes | None:
         """The peer's whole body, if it has ended it and all of it is buffered; else None.

@@ -131,3 +131,47 @@ def test_a_client_that_reads_nothing_of_its_response_is_cut_off(stack_factory):
     while "cancelled by the CMG" not in cp_log.read_text():
         assert time.monotonic() < deadline, "the stream was not reset towards the connection point"
         time.sleep(0.1)
+
+
+def test_a_response_that_stalls_mid_body_is_cut_off_after_response_timeout(cmg_stack_factory):
+    """A bound of last resort for the body too: a site role that stops mid-body (and a
+    connection point whose own request_timeout is far away) never holds the client for
+    ever. After service.response_timeout of silence the gateway cuts the client off (so
+    a short body is never taken for a complete one) and resets the stream."""
+    import http.server
+    import threading
+
+    from cmg.testing import role
+
+    release = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 10000)
+            self.wfile.flush()
+            release.wait(30)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cmg = cmg_stack_factory(extra_roles=[role("AdminService", f"http://127.0.0.1:{server.server_port}")],
+                                overrides={"service": {"response_timeout": 2}})
+        t0 = time.monotonic()
+        with cmg.client(auth="pki") as client:
+            with pytest.raises(Exception):
+                client.request("GET", "AdminService/wmi/SMS_Site", role="AdminService")
+        assert time.monotonic() - t0 < 15
+        deadline = time.monotonic() + 10
+        while "stalled after 10000 bytes for 2 s; connection closed" not in (cmg.logs_dir / "CMGService.log").read_text():
+            assert time.monotonic() < deadline, "the stalled response was not cut off by the gateway"
+            time.sleep(0.1)
+    finally:
+        release.set()
+        server.shutdown()
