@@ -22,6 +22,8 @@ Workloads: ``get-1k`` (keep-alive GETs), ``handshake-full``/``handshake-resumed`
 TLS connection per request, client certificate), ``handshake-full-nocert``/
 ``handshake-resumed-nocert`` (the same without one: the CMG's ``CCM_Proxy_ServerAuth``
 with a site-issued CCM token), ``cmgmix`` (CCM_POST messaging, policy GETs, 256 KiB
-BITS uploads, Range reads; through the CMG only), ``download-100m``/``upload-100m``,
+BITS uploads, Range reads: through the CMG to the mock site; nginx and ssh-tunnel proxy
+the same requests to the same mock site code; on ``direct`` the generator's ceiling,
+Range reads only), ``download-100m``/``upload-100m``,
 ``idle-6000`` (RSS per idle client TLS connection, and all of them still served).
 """

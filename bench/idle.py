@@ -19,6 +19,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .load import Target, _read_response
 
@@ -123,11 +124,7 @@ class IdleConnections:
                     res.opened += 1
                     res.resumed += 1 if sock.session_reused else 0
 
-        workers = [threading.Thread(target=worker, args=(n,), daemon=True) for n in shares]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(max(0.0, stop_at - time.monotonic()) + self.timeout + 5)
+        self._run_threads(worker, shares, stop_at)
         res.seconds = time.monotonic() - t0
         return res
 
@@ -159,13 +156,17 @@ class IdleConnections:
                 res.latencies_ms.extend(mine)
                 res.served += len(mine)
 
-        workers = [threading.Thread(target=worker, args=(p,), daemon=True) for p in parts]
+        self._run_threads(worker, parts, stop_at)
+        res.seconds = time.monotonic() - t0
+        return res
+
+    def _run_threads(self, worker: Any, shares: list[Any], stop_at: float) -> None:
+        """``worker(share)`` in a daemon thread per share; joined by the deadline (+ slack)."""
+        workers = [threading.Thread(target=worker, args=(share,), daemon=True) for share in shares]
         for w in workers:
             w.start()
         for w in workers:
             w.join(max(0.0, stop_at - time.monotonic()) + self.timeout + 5)
-        res.seconds = time.monotonic() - t0
-        return res
 
     def close(self) -> None:
         with self._lock:
