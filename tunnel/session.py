@@ -6,10 +6,12 @@ and wakes tasks. Used by both ends, over any object with ``async send(bytes)``,
 ``async close(code, reason)``, such as the connections of ``websockets.asyncio``.
 
 Tasks: ``run()`` reads messages and feeds the protocol; one writer task flushes
-``protocol.data_to_send()`` in order (its awaited ``send`` carries the websocket's
-backpressure to the writers of streams); one task sends pings and enforces the ping
-timeout; each incoming request (connector side) runs ``on_request(stream)`` in a
-tracked task.
+``protocol.data_to_send()`` in order, coalescing what was queued since its last turn
+into websocket messages. Writers of streams queue frames and go on; they wait for the
+writer only once ``FLUSH_AHEAD`` bytes are queued and not yet sent, which carries the
+websocket's backpressure to them (``open_stream(wait_sent=True)`` waits until the head
+has left). One task sends pings and enforces the ping timeout; each incoming request
+(connector side) runs ``on_request(stream)`` in a tracked task.
 
 Logging: DEBUG per stream, INFO when a tunnel opens or closes, WARNING when the peer
 broke the protocol, ERROR (with traceback) when our own code failed.
