@@ -186,6 +186,8 @@ class GatewayInstance:
                 await asyncio.wait_for(self.handler.idle.wait(), cfg.drain_timeout)
             except asyncio.TimeoutError:
                 self.log.warning("Drain timeout: %d requests still in flight", self.handler.in_flight)
+                for line in self.handler.describe_in_flight():
+                    self.log.warning("Still in flight: %s", line)
         if self.tunnels is not None:
             await self.tunnels.drain()
         if self._web is not None:

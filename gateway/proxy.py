@@ -68,6 +68,20 @@ def new_message_id() -> str:
     return f"{{{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}}}"
 
 
+def _await_chain(task: asyncio.Task[object] | None) -> str:
+    """Where a task waits: its chain of awaited coroutines, outermost first."""
+    parts: list[str] = []
+    awaited: object = task.get_coro() if task is not None else None
+    while awaited is not None and len(parts) < 20:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            parts.append(type(awaited).__name__)
+            break
+        parts.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return " > ".join(parts) or "?"
+
+
 def _error_for(code: ErrorCode) -> errors.CMGError:
     """The CMG's answer when a connection point reset a stream before the response head."""
     return errors.GATEWAY_TIMEOUT if code is ErrorCode.TIMEOUT else errors.BAD_GATEWAY
@@ -87,18 +101,29 @@ class ClientRequestHandler:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        # The tasks of the requests in flight: what a drain that times out reports.
+        self._requests: dict[asyncio.Task[object] | None, tuple[str, str, float]] = {}
         self._instance_name = f"ProxyService_IN_{config.instance}"
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         self.in_flight += 1
         self.idle.clear()
         start = time.monotonic()
+        task = asyncio.current_task()
+        self._requests[task] = (request.method, request.raw_path, start)
         try:
             return await self._handle(request, start)
         finally:
+            self._requests.pop(task, None)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+
+    def describe_in_flight(self) -> list[str]:
+        """One line per request in flight: method, path, age, and where it waits."""
+        now = time.monotonic()
+        return [f"{method} {path[:200]} for {now - start:.1f} s, waiting in {_await_chain(task)}"
+                for task, (method, path, start) in list(self._requests.items())]
 
     async def _handle(self, request: web.BaseRequest, start: float) -> web.StreamResponse:
         raw_path = request.raw_path

@@ -175,3 +175,40 @@ def test_a_response_that_stalls_mid_body_is_cut_off_after_response_timeout(cmg_s
     finally:
         release.set()
         server.shutdown()
+
+
+def test_a_drain_that_times_out_says_what_is_still_in_flight_and_where_it_waits(stack_factory):
+    """Operations: when a drain ends at drain_timeout with requests still in flight, the
+    instance's log names each one (method, path, age) and where its handler waits."""
+    import socket
+    import threading
+
+    dep = stack_factory("drain-report", instances=1, connectors=1, overrides={"service": {"drain_timeout": 1}})
+    path = dep.mp_path("SMS_MP/.sms_aut?MPLIST")
+    dep.cmg.stall("MP")
+    answers: list[bytes] = []
+
+    def client() -> None:
+        raw = socket.create_connection((dep.host, dep.port), timeout=20)
+        with dep.ssl_context().wrap_socket(raw, server_hostname=dep.service_name) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {dep.service_name}\r\n\r\n".encode())
+            try:
+                answers.append(sock.recv(65536))
+            except OSError:
+                answers.append(b"")
+
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "Forwarding proxy message" not in dep.cmg.log("SMS_Cloud_ProxyConnector_CMGCP01.log"):
+            assert time.monotonic() < deadline, "the request never reached the connection point"
+            time.sleep(0.1)
+        dep.cmg.stop_component("gateway-0")
+    finally:
+        dep.cmg.unstall("MP")
+    t.join(20)
+    log = dep.cmg.log("CMGService.log")
+    assert "Drain timeout: 1 requests still in flight" in log
+    line = next(l for l in log.splitlines() if "Still in flight: GET " in l)
+    assert "/SMS_MP/.sms_aut?MPLIST for " in line and "_forward" in line and "response" in line, line
