@@ -51,6 +51,18 @@ class GatewayRequestHandler(AnyVerbRequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if self._close and not self._force_close and parser is not None and parser._payload_parser is not None:
+            # Draining (close() was called): aiohttp drops every byte that arrives after
+            # it, the rest of a request body under way too, and that request then waits
+            # for its body until the drain times out. The body still arrives; a request
+            # after it is parsed and never started (the connection closes after this one).
+            self._close = False
+            try:
+                super().data_received(data)
+            finally:
+                self._close = True
+            return
         super().data_received(data)
         parser = self._parser
         if parser is None or self._force_close or self._close:

@@ -212,3 +212,63 @@ def test_a_drain_that_times_out_says_what_is_still_in_flight_and_where_it_waits(
     assert "Drain timeout: 1 requests still in flight" in log
     line = next(l for l in log.splitlines() if "Still in flight: GET " in l)
     assert "/SMS_MP/.sms_aut?MPLIST for " in line and "_forward" in line and "response" in line, line
+
+
+def test_a_drain_lets_a_request_body_under_way_arrive(stack_factory):
+    """SIGTERM on an instance while a client is still sending a request body: the drain
+    stops new requests, but the body under way must still be read (aiohttp drops every
+    byte after close(), so such an upload used to wait for its body until drain_timeout,
+    then fail). The soak's 30 s drains were this."""
+    import http.server
+    import socket
+    import threading
+
+    from cmg.testing import role
+
+    class Counting(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            answer = str(len(body)).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dep = stack_factory("drain-body", instances=1, connectors=1, overrides={"service": {"drain_timeout": 20}},
+                            extra_roles=[role("AdminService", f"http://127.0.0.1:{server.server_port}")])
+        cmg = dep.cmg
+        path = f"/CCM_Proxy_MutualAuth/{cmg.role('AdminService')['role_id']}/AdminService/upload"
+        raw = socket.create_connection((dep.host, dep.port), timeout=20)
+        sock = dep.ssl_context().wrap_socket(raw, server_hostname=dep.service_name)
+        half = b"u" * 100_000
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {dep.service_name}\r\nContent-Length: 200000\r\n\r\n".encode()
+                     + half)
+        time.sleep(0.5)  # the first half went through
+        stopper = threading.Thread(target=cmg.stop_component, args=("gateway-0",), daemon=True)
+        t0 = time.monotonic()
+        stopper.start()
+        deadline = time.monotonic() + 10
+        while "Draining 1 in-flight requests" not in cmg.log("CMGService.log"):
+            assert time.monotonic() < deadline, "the drain did not start"
+            time.sleep(0.05)
+        sock.sendall(half)  # the rest of the body, during the drain
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"200000"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        sock.close()
+        stopper.join(30)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"200000"), answer[:200]
+        assert time.monotonic() - t0 < 10, "the drain waited for a body it had stopped reading"
+        assert "Drain timeout" not in cmg.log("CMGService.log")
+    finally:
+        server.shutdown()
