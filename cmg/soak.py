@@ -334,6 +334,7 @@ class Options:
     json_path: Path | None = None
     fault_pause: tuple[float, float] | None = None  # seconds between faults (default: by duration)
     quiet: bool = False
+    keep_uploads: bool = False
 
 
 class Soak:
@@ -876,6 +877,9 @@ def parse_args(argv: list[str] | None) -> Options:
     ap.add_argument("--fault-pause", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
                     help="seconds between faults (default 15 30; 3 6 under two minutes)")
     ap.add_argument("--quiet", action="store_true", help="only the summary")
+    ap.add_argument("--keep-uploads", action="store_true",
+                    help="keep the bytes the MP received (a 10-minute soak uploads ~16 GB; by default they are "
+                         "deleted once reconciled; the MP's records and every log are kept)")
     a = ap.parse_args(argv)
     if a.minutes <= 0 or a.minutes > 24 * 60:
         ap.error("--minutes must be in (0, 1440]")
@@ -883,7 +887,25 @@ def parse_args(argv: list[str] | None) -> Options:
         ap.error("--clients must be in 1..500")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     return Options(a.minutes, a.clients, a.dir, seed, a.json_path,
-                   tuple(a.fault_pause) if a.fault_pause else None, a.quiet)  # type: ignore[arg-type]
+                   tuple(a.fault_pause) if a.fault_pause else None, a.quiet, a.keep_uploads)  # type: ignore[arg-type]
+
+
+def drop_uploaded_bytes(directory: Path) -> int:
+    """Delete the upload payloads the mock MP stored (their size and SHA-256 are in its
+    records, which the reconciliation has read): long soaks would fill the disk. Returns
+    the bytes freed; the records (``*.json``) and the logs stay."""
+    freed = 0
+    incoming = directory / "data" / "incoming"
+    if not incoming.is_dir():
+        return 0
+    for path in incoming.iterdir():
+        if path.is_file() and path.suffix != ".json":
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except OSError:
+                pass
+    return freed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -916,6 +938,10 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyError, ProcessLookupError):
             pass
         stack.stop()
+        if not opts.keep_uploads:
+            freed = drop_uploaded_bytes(directory)
+            if freed:
+                print(f"cmg soak: deleted {freed / 2**20:,.1f} MiB of uploaded bytes (--keep-uploads keeps them)")
     print(format_report(report))
     if opts.json_path is not None:
         opts.json_path.parent.mkdir(parents=True, exist_ok=True)

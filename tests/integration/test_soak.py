@@ -25,6 +25,11 @@ def test_short_soak_loses_and_duplicates_nothing(tmp_path, capsys):
     assert report["truncated_complete"] == 0, report["reconciliation"]["truncated_items"]
     assert report["corrupt_downloads"] == 0, report["reconciliation"]["corrupt_download_items"]
     assert code == 0, printed
+    # The uploaded bytes are gone (a long soak would fill the disk); the MP's records stay.
+    incoming = tmp_path / "stack" / "data" / "incoming"
+    assert [p for p in incoming.iterdir() if p.suffix == ".json"]
+    assert not [p for p in incoming.iterdir() if p.suffix != ".json"]
+    assert "MiB of uploaded bytes" in printed
 
     # Every auth method carried traffic.
     assert set(report["auth_methods"]) == {"pki", "entra", "token"}
