@@ -343,11 +343,12 @@ def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIden
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())
 
 
-def _leaf_key_usage(key: PrivateKey) -> x509.KeyUsage:
+def _leaf_key_usage(key: PrivateKey, encipherment: bool = True) -> x509.KeyUsage:
+    """digitalSignature, plus keyEncipherment for an RSA key unless ``encipherment=False``."""
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+        key_encipherment=encipherment and isinstance(key, rsa.RSAPrivateKey),
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=False,
@@ -578,19 +579,6 @@ def _token_signing_key_type(key_type: str) -> str:
     return "rsa4096" if key_type == "rsa4096" else "rsa2048"
 
 
-_TOKEN_SIGNING_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=False,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
-
-
 def issue_token_signing_certificate(
     site_ca: Authority, site_code: str, *, key_type: str = "rsa2048"
 ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
@@ -612,7 +600,7 @@ def issue_token_signing_certificate(
         extended_key_usage=None,
         not_before=None,
         not_after=None,
-        key_usage=_TOKEN_SIGNING_KEY_USAGE,
+        key_usage=_leaf_key_usage(key, encipherment=False),  # digitalSignature only
         lifetime=TOKEN_SIGNING_LIFETIME,
     )
     return cert, key

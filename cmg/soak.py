@@ -51,7 +51,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 MiB = 1024 * 1024
 _PATTERN = MiB + 4099  # upload bytes repeat with this period: no fragment size divides it
@@ -692,26 +692,11 @@ class Soak:
             async with s.get(f"{internal}/_mock/health") as r:
                 health = await r.json()
         logs = self.base / self.d.get("logs_dir", "logs")
-        commits: collections.Counter[str] = collections.Counter()
-        commit_lines: dict[str, list[str]] = collections.defaultdict(list)
-        relay = logs / "MP_Relay.log"
-        if relay.exists():
-            for line in relay.read_text(encoding="utf-8", errors="replace").splitlines():
-                m = _COMMIT_LINE.search(line)
-                if m:
-                    commits[m.group(2)] += 1
-                    commit_lines[m.group(2)].append(line)
-        seen: collections.Counter[str] = collections.Counter()
-        msg_lines: dict[str, list[str]] = collections.defaultdict(list)
-        isapi = logs / "CcmIsapi.log"
-        if isapi.exists():
-            for line in isapi.read_text(encoding="utf-8", errors="replace").splitlines():
-                m = _MSG_LINE.search(line)
-                if m:
-                    mid = m.group(1).upper()
-                    seen[mid] += 1
-                    if "replied" in line:
-                        msg_lines[mid].append(line)
+        # One commit line per job the MP committed; one message line per message handled
+        # (the "replied" ones are kept as evidence).
+        commits, commit_lines = _scan_log(logs / "MP_Relay.log", _COMMIT_LINE, lambda m: m.group(2))
+        seen, msg_lines = _scan_log(logs / "CcmIsapi.log", _MSG_LINE, lambda m: m.group(1).upper(),
+                                    keep=lambda line: "replied" in line)
         by_name = {r["name"]: r for r in records if r.get("complete")}
         duplicated = [{"kind": "upload", "id": n, "times": c, "log": commit_lines[n][:3]}
                       for n, c in commits.items() if c > 1]
@@ -888,6 +873,23 @@ def parse_args(argv: list[str] | None) -> Options:
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     return Options(a.minutes, a.clients, a.dir, seed, a.json_path,
                    tuple(a.fault_pause) if a.fault_pause else None, a.quiet, a.keep_uploads)  # type: ignore[arg-type]
+
+
+def _scan_log(path: Path, pattern: re.Pattern[str], key: Callable[[re.Match[str]], str],
+              keep: Callable[[str], bool] = lambda line: True,
+              ) -> tuple[collections.Counter[str], dict[str, list[str]]]:
+    """How often each key occurs in the log's matching lines, and those lines (``keep``)."""
+    counts: collections.Counter[str] = collections.Counter()
+    lines: dict[str, list[str]] = collections.defaultdict(list)
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            m = pattern.search(line)
+            if m:
+                k = key(m)
+                counts[k] += 1
+                if keep(line):
+                    lines[k].append(line)
+    return counts, lines
 
 
 def drop_uploaded_bytes(directory: Path) -> int:

@@ -39,6 +39,15 @@ class ResponseParser:
     def should_keep_alive(self) -> bool:
         return self._keep_alive
 
+    def _body_part(self) -> bool:
+        """Pass on what is buffered of the current body part; True once it is complete."""
+        take = min(self._remaining, len(self._buf))
+        chunk = bytes(self._buf[:take])
+        del self._buf[:take]
+        self._remaining -= take
+        self._p.on_body(chunk)
+        return self._remaining == 0
+
     def feed_data(self, data: bytes) -> None:
         self._buf += data
         while self._buf:
@@ -47,12 +56,7 @@ class ResponseParser:
                 if not self._head():
                     return
             elif state == "length":
-                take = min(self._remaining, len(self._buf))
-                chunk = bytes(self._buf[:take])
-                del self._buf[:take]
-                self._remaining -= take
-                self._p.on_body(chunk)
-                if self._remaining == 0:
+                if self._body_part():
                     self._complete()
             elif state == "eof":
                 chunk = bytes(self._buf)
@@ -78,12 +82,7 @@ class ResponseParser:
                     self._remaining = size
                     self._state = "chunk-data"
             elif state == "chunk-data":
-                take = min(self._remaining, len(self._buf))
-                chunk = bytes(self._buf[:take])
-                del self._buf[:take]
-                self._remaining -= take
-                self._p.on_body(chunk)
-                if self._remaining == 0:
+                if self._body_part():
                     self._state = "chunk-end"
             elif state == "chunk-end":
                 if len(self._buf) < 2:

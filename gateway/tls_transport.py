@@ -217,8 +217,6 @@ class TLSServerProtocol(asyncio.Protocol):
                 chunk = self._recv()
                 if chunk is None:
                     break
-            except SSL.WantReadError:
-                break
             except SSL.ZeroReturnError:  # close_notify from the client
                 eof = True
                 break

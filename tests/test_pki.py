@@ -275,6 +275,8 @@ def test_issue_token_signing_certificate_is_always_rsa(cas):
         cert, key = pki.issue_token_signing_certificate(site, "ps9", key_type=key_type)
         assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == bits
         assert cn(cert) == "ConfigMgr Token Signing - PS9"
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        assert ku.digital_signature and not ku.key_encipherment and not ku.key_cert_sign
     with pytest.raises(ValueError):
         pki.issue_token_signing_certificate(site, "TOOLONG")
     with pytest.raises(ValueError):

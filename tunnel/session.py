@@ -449,15 +449,17 @@ class TunnelSession:
 
         Raises TunnelClosedError once the writer has stopped.
         """
-        self._kick()
+        generation = self._kick()
         if self._writer_done:
             raise TunnelClosedError(self.close_reason or "the tunnel is closed")
         if self.protocol.pending_output >= FLUSH_AHEAD:
-            await self._sent()
+            await self._wait_sent(generation)
 
     async def _sent(self) -> None:
         """Wait until everything queued so far was handed to the websocket."""
-        generation = self._kick()
+        await self._wait_sent(self._kick())
+
+    async def _wait_sent(self, generation: int) -> None:
         self._progress_waiters += 1
         try:
             while self._sent_gen < generation:
