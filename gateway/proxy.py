@@ -87,6 +87,19 @@ def _error_for(code: ErrorCode) -> errors.CMGError:
     return errors.GATEWAY_TIMEOUT if code is ErrorCode.TIMEOUT else errors.BAD_GATEWAY
 
 
+class WholeResponse(web.Response):
+    """A response that arrived whole, which lets go of its body once sent.
+
+    aiohttp's connection loop keeps the last request and response of a keep-alive
+    connection referenced while it waits for the next request; without this an idle
+    client connection would hold the body of its last answer (up to the tunnel's window).
+    """
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        self.body = None
+
+
 class ClientRequestHandler:
     """aiohttp's low-level server calls this once per client request."""
 
@@ -336,7 +349,7 @@ class ClientRequestHandler:
                 assert cp.role_id is not None
                 link.account(cp.role_id, status < 500, nsent, len(body))
                 self._summary.record(request.path, nsent, len(body), (time.monotonic() - start) * 1000)
-                return web.Response(status=status, reason=head.reason, headers=headers, body=body)  # type: ignore[attr-defined]
+                return WholeResponse(status=status, reason=head.reason, headers=headers, body=body)  # type: ignore[attr-defined]
         resp = web.StreamResponse(status=status, reason=head.reason)  # type: ignore[attr-defined]
         for k, v in head.headers:  # type: ignore[attr-defined]
             if k.lower() not in HOP_BY_HOP:
