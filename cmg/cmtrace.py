@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 _TYPES = {logging.DEBUG: 1, logging.INFO: 1, logging.WARNING: 2, logging.ERROR: 3, logging.CRITICAL: 3}
+_MILLISECONDS = tuple(f"{ms:03d}" for ms in range(1000))
 
 
 class CMTraceFormatter(logging.Formatter):
@@ -33,6 +34,7 @@ class CMTraceFormatter(logging.Formatter):
         self._second = -1
         self._hms = ""
         self._date = ""
+        self._tails: dict[tuple[int, int, str], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
@@ -52,10 +54,15 @@ class CMTraceFormatter(logging.Formatter):
             self._second = second
             self._hms = f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
             self._date = f'+000" date="{t.tm_mon:02d}-{t.tm_mday:02d}-{t.tm_year:04d}" component="'
-        return (
-            f'<![LOG[{text}]LOG]!><time="{self._hms}.{msecs:03d}{self._date}{component}" '
-            f'context="" type="{_TYPES.get(levelno, 1)}" thread="{thread}" file="">'
-        )
+            self._tails.clear()
+        # What follows the milliseconds is the same all second long for a level, thread
+        # and component; formatting it (and "%03d") per line was half the line's cost.
+        tail = self._tails.get((levelno, thread, component))
+        if tail is None:
+            tail = self._tails[levelno, thread, component] = (
+                f'{self._date}{component}" context="" type="{_TYPES.get(levelno, 1)}" thread="{thread}" file="">')
+        ms = _MILLISECONDS[msecs] if 0 <= msecs < 1000 else f"{msecs:03d}"
+        return f'<![LOG[{text}]LOG]!><time="{self._hms}.{ms}{tail}'
 
 
 class CMTraceFileHandler(logging.FileHandler):
@@ -114,10 +121,12 @@ class CMTraceFileHandler(logging.FileHandler):
             return False
         formatter: CMTraceFormatter = self.formatter  # type: ignore[assignment]
         created = time.time()  # and its milliseconds, as LogRecord takes them
-        line = formatter.line(text, level, created, int((created - int(created)) * 1000), threading.get_ident(),
-                              formatter.component)
+        thread = threading.get_ident()
         self.acquire()
         try:
+            # Formatted under the lock, as a record is: the formatter caches per second.
+            line = formatter.line(text, level, created, int((created - int(created)) * 1000), thread,
+                                  formatter.component)
             if not self._append(line):
                 return True
         except RecursionError:
