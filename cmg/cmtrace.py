@@ -17,10 +17,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 _TYPES = {logging.DEBUG: 1, logging.INFO: 1, logging.WARNING: 2, logging.ERROR: 3, logging.CRITICAL: 3}
+_MILLISECONDS = tuple(f"{ms:03d}" for ms in range(1000))
 
 
 class CMTraceFormatter(logging.Formatter):
@@ -32,25 +34,35 @@ class CMTraceFormatter(logging.Formatter):
         self._second = -1
         self._hms = ""
         self._date = ""
+        self._tails: dict[tuple[int, int, str], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
         if record.exc_info:
             text = f"{text}\n{self.formatException(record.exc_info)}"
+        return self.line(text, record.levelno, record.created, int(record.msecs),
+                         record.thread or threading.get_ident(), getattr(record, "component", self.component))
+
+    def line(self, text: str, levelno: int, created: float, msecs: int, thread: int, component: str) -> str:
+        """The CMTrace line for a message text (what ``format`` makes of a record)."""
         # "]LOG]!>" inside the text would end the entry early in CMTrace.
         if "]LOG]!>" in text:
             text = text.replace("]LOG]!>", "] LOG]!>")
-        second = int(record.created)
+        second = int(created)
         if second != self._second:  # the time and date parts change once a second
-            t = time.gmtime(record.created)
+            t = time.gmtime(created)
             self._second = second
             self._hms = f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
             self._date = f'+000" date="{t.tm_mon:02d}-{t.tm_mday:02d}-{t.tm_year:04d}" component="'
-        component = getattr(record, "component", self.component)
-        return (
-            f'<![LOG[{text}]LOG]!><time="{self._hms}.{int(record.msecs):03d}{self._date}{component}" '
-            f'context="" type="{_TYPES.get(record.levelno, 1)}" thread="{record.thread or threading.get_ident()}" file="">'
-        )
+            self._tails.clear()
+        # What follows the milliseconds is the same all second long for a level, thread
+        # and component; formatting it (and "%03d") per line was half the line's cost.
+        tail = self._tails.get((levelno, thread, component))
+        if tail is None:
+            tail = self._tails[levelno, thread, component] = (
+                f'{self._date}{component}" context="" type="{_TYPES.get(levelno, 1)}" thread="{thread}" file="">')
+        ms = _MILLISECONDS[msecs] if 0 <= msecs < 1000 else f"{msecs:03d}"
+        return f'<![LOG[{text}]LOG]!><time="{self._hms}.{ms}{tail}'
 
 
 class CMTraceFileHandler(logging.FileHandler):
@@ -87,22 +99,61 @@ class CMTraceFileHandler(logging.FileHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            msg = self.format(record)
-            if self.stream is None:
-                if self.mode != "w" or not self._closed:  # type: ignore[attr-defined]
-                    self.stream = self._open()
-                else:
-                    return
-            self.stream.write(msg + self.terminator)
-            if self._max_bytes:
-                self._size += len(msg) + 1
-                if self._size > self._max_bytes:
-                    self._roll_over()
+            if not self._append(self.format(record)):
+                return
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
             return
+        self._schedule_flush()
+
+    def emit_line(self, name: str, level: int, msg: str, args: tuple[object, ...]) -> bool:
+        """Write what ``emit`` would write for the record ``(name, level, msg, args)``, without
+        making the record; the handler's lock is taken as ``Handler.handle`` does.
+
+        False when ``msg % args`` fails: the caller then takes the record path, which
+        reports the error as logging does.
+        """
+        try:
+            text = msg % args if args else msg
+        except Exception:
+            return False
+        formatter: CMTraceFormatter = self.formatter  # type: ignore[assignment]
+        created = time.time()  # and its milliseconds, as LogRecord takes them
+        thread = threading.get_ident()
+        self.acquire()
+        try:
+            # Formatted under the lock, as a record is: the formatter caches per second.
+            line = formatter.line(text, level, created, int((created - int(created)) * 1000), thread,
+                                  formatter.component)
+            if not self._append(line):
+                return True
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(logging.LogRecord(name, level, "", 0, msg, args, None))
+            return True
+        finally:
+            self.release()
+        self._schedule_flush()
+        return True
+
+    def _append(self, msg: str) -> bool:
+        """One line to the file (rolled over past max_bytes); False when the handler is closed."""
+        if self.stream is None:
+            if self.mode != "w" or not self._closed:  # type: ignore[attr-defined]
+                self.stream = self._open()
+            else:
+                return False
+        self.stream.write(msg + self.terminator)
+        if self._max_bytes:
+            self._size += len(msg) + 1
+            if self._size > self._max_bytes:
+                self._roll_over()
+        return True
+
+    def _schedule_flush(self) -> None:
         if self._flush_scheduled:
             return
         try:
@@ -138,11 +189,21 @@ class JSONFormatter(logging.Formatter):
 
 
 def log_fast(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
-    """``logger.log(level, msg, *args)`` without looking up the caller's file and line.
+    """``logger.log(level, msg, *args)`` for a hot path; the caller checks ``isEnabledFor`` first.
 
     CMTrace lines carry ``file=""``, so the frame walk ``Logger._log`` does for every
-    record buys nothing on a hot path. The caller checks ``isEnabledFor`` first.
+    record buys nothing. When the logger's only destination is one CMTrace file (no
+    filters, no propagation: what ``open_log`` sets up), the line is written straight to
+    it, byte for byte what the record would have made, without building a ``LogRecord``.
+    Anything else (JSON lines, an echo to stderr, a test's capture handler) gets a record.
     """
+    handlers = logger.handlers
+    if len(handlers) == 1 and not logger.propagate and not logger.filters and not logger.disabled:
+        h = handlers[0]
+        if (h.__class__ is CMTraceFileHandler and level >= h.level and not h.filters
+                and h.formatter.__class__ is CMTraceFormatter and (len(args) != 1 or not isinstance(args[0], Mapping))
+                and h.emit_line(logger.name, level, msg, args)):  # type: ignore[attr-defined]
+            return
     logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, args, None))
 
 

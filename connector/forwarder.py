@@ -318,25 +318,59 @@ def _target(url: str) -> _Target:
 
 
 class _Watchdog:
-    """One timer per exchange, pushed back while the role keeps sending."""
+    """Fails an exchange once its role was silent for ``timeout`` seconds.
 
-    __slots__ = ("_conn", "_timeout", "_handle")
+    One timer for all the exchanges under way (a timer per exchange cost a handle
+    created and cancelled per request): it fires at the earliest deadline (last
+    activity + timeout) of the connections it watches, fails those past theirs and is
+    set again for the next one, so each exchange times out when it would have with a
+    timer of its own pushed back while the role keeps sending.
+    """
 
-    def __init__(self, conn: _Conn, timeout: float) -> None:
-        self._conn = conn
+    __slots__ = ("_timeout", "_conns", "_handle", "_loop")
+
+    def __init__(self, timeout: float) -> None:
         self._timeout = timeout
-        self._handle = conn.loop.call_later(timeout, self._check)
+        self._conns: dict[_Conn, None] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _check(self) -> None:
-        conn = self._conn
-        idle = conn.loop.time() - conn.last_activity
-        if idle >= self._timeout:
-            conn._break(asyncio.TimeoutError())
-        else:
-            self._handle = conn.loop.call_later(self._timeout - idle, self._check)
+    def watch(self, conn: _Conn) -> None:
+        self._conns[conn] = None
+        # Deadlines of exchanges watched later are never earlier than a pending timer's.
+        if self._handle is None or self._loop is not conn.loop:
+            self._arm(conn.loop, conn.last_activity + self._timeout)
 
-    def cancel(self) -> None:
-        self._handle.cancel()
+    def unwatch(self, conn: _Conn) -> None:
+        self._conns.pop(conn, None)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self._loop = loop
+        self._handle = loop.call_at(when, self._check, loop)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:
+            return  # set on a loop this forwarder no longer runs on
+        self._handle = None
+        if not self._conns:
+            return
+        now = loop.time()
+        timeout = self._timeout
+        earliest: float | None = None
+        for conn in list(self._conns):
+            last = conn.last_activity
+            if now - last >= timeout:
+                del self._conns[conn]
+                conn._break(asyncio.TimeoutError())
+            elif earliest is None or last < earliest:
+                earliest = last
+        if earliest is not None:
+            self._arm(loop, earliest + timeout)
 
 
 class Forwarder:
@@ -350,11 +384,13 @@ class Forwarder:
         self._log = log
         self._pool_size = pool_size
         self._pool: _Pool | None = None
+        self._watchdog = _Watchdog(request_timeout)
 
     async def start(self) -> None:
         self._pool = _Pool(self._pool_size)
 
     async def close(self) -> None:
+        self._watchdog.close()
         if self._pool is not None:
             self._pool.close()
 
@@ -408,7 +444,8 @@ class Forwarder:
         status_line = ""
         conn: _Conn | None = None
         pump: asyncio.Task[None] | None = None
-        watchdog: _Watchdog | None = None
+        watchdog = self._watchdog
+        watched: _Conn | None = None
         reuse = False
         try:
             target = _target(mapped.url)
@@ -433,18 +470,20 @@ class Forwarder:
                 conn.transport.write(head_bytes)
                 if has_body:
                     pump = asyncio.ensure_future(self._pump(stream, conn, chunked, sent))
-                    watchdog = self._watch(conn)
+                    watchdog.watch(watched := conn)
                     await self._wait_head(conn, pump)
                     break
-                watchdog = self._watch(conn)
+                watchdog.watch(watched := conn)
                 try:
-                    await self._wait_head(conn, None)
+                    while not conn.head_done:
+                        await conn.wait()
                     break
                 except UpstreamError:
                     # A kept-alive connection the role closed meanwhile: one retry, fresh.
                     if attempt or not reused or conn.received_any:
                         raise
-                    watchdog.cancel()
+                    watchdog.unwatch(conn)
+                    watched = None
                     self._pool.release(conn, False)
                     conn = None
             assert conn is not None
@@ -511,8 +550,8 @@ class Forwarder:
             stream.reset(ErrorCode.UPSTREAM_ERROR, "site role failed")
             return 0, size
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            if watched is not None:
+                watchdog.unwatch(watched)
             if pump is not None and not pump.done():
                 pump.cancel()
             if conn is not None:
@@ -524,10 +563,6 @@ class Forwarder:
                 message_id, req.target, mapped.endpoint, status_line, size, (time.monotonic() - start) * 1000,
             )
         return status, size
-
-    def _watch(self, conn: _Conn) -> "_Watchdog":
-        """Fails the exchange once the role was silent for request_timeout seconds."""
-        return _Watchdog(conn, self._timeout)
 
     @staticmethod
     async def _wait_head(conn: _Conn, pump: asyncio.Task[None] | None) -> None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from cmg.config import RoleConfig
 from cmg.paths import parse_client_path
@@ -29,8 +30,19 @@ class UrlMap:
     def __init__(self, service_name: str, roles: tuple[RoleConfig, ...]) -> None:
         self._service = service_name
         self._roles = {r.role_id: r for r in roles}
+        self._map_cached = lru_cache(maxsize=2048)(self._map)
 
     def map(self, target: str) -> MappedURL:
+        """The internal URL for a client's request target. Raises UnmappedURL.
+
+        The answer (immutable) is remembered for recent short targets: clients ask
+        for the same few over and over.
+        """
+        if len(target) <= 512:
+            return self._map_cached(target)
+        return self._map(target)
+
+    def _map(self, target: str) -> MappedURL:
         cp = parse_client_path(target)
         if cp is None or cp.role_id is None:
             raise UnmappedURL(f"{target[:200]!r} is not a CMG role path")
