@@ -14,10 +14,14 @@ On top of :class:`cmg.anyverb.AnyVerbRequestHandler` (ConfigMgr's verbs):
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
 import logging
+import sys
+from asyncio.base_events import BaseEventLoop
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadStatusLine, LineTooLong
 from aiohttp.http_parser import HttpRequestParserPy
@@ -28,6 +32,29 @@ from cmg.anyverb import AnyVerbRequestHandler, AnyVerbServer
 from . import errors
 
 HEADER_TOO_LARGE = errors.CMGError(431, "CMGService_RequestHeaderFieldsTooLarge")
+
+# aiohttp's connection loop (RequestHandler.start) keeps the last request, its message,
+# writer and response in its local variables while a keep-alive connection waits for
+# the next request: ~4.5 KiB per idle client connection (headers, URL, response
+# headers, the request's cached properties). GatewayRequestHandler.start below is that
+# loop with one line added that lets go of them at the end of each request. It is used
+# only while aiohttp's own loop is the one it was copied from (aiohttp 3.14.5, compared
+# by a hash of its source); any other aiohttp keeps its own loop and that memory.
+_UPSTREAM_START_SHA256 = "2e565fd40c8e04fb"
+
+
+def _upstream_start_is_known() -> bool:
+    try:
+        source = inspect.getsource(web_protocol.RequestHandler.start)
+    except (OSError, TypeError):
+        return False
+    return hashlib.sha256(source.encode()).hexdigest()[:16] == _UPSTREAM_START_SHA256
+
+
+RELEASES_LAST_REQUEST = _upstream_start_is_known()
+_ErrInfo = getattr(web_protocol, "_ErrInfo", None)
+_ERROR = getattr(web_protocol, "ERROR", None)
+_PAYLOAD_ACCESS_ERROR = getattr(web_protocol, "_PAYLOAD_ACCESS_ERROR", None)
 
 
 class HTTP1RequestParser(HttpRequestParserPy):
@@ -91,6 +118,156 @@ class GatewayRequestHandler(AnyVerbRequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_header_timer()
         super().connection_lost(exc)
+
+    if RELEASES_LAST_REQUEST:
+        async def start(self) -> None:
+            """aiohttp 3.14.5's ``RequestHandler.start``, letting go of each request once it is
+            answered (the line marked below); see ``_UPSTREAM_START_SHA256``."""
+            loop = self._loop
+            manager = self._manager
+            assert manager is not None
+            keepalive_timeout = self._keepalive_timeout
+            resp = None
+            assert self._request_factory is not None
+            assert self._request_handler is not None
+
+            while not self._force_close:
+                if not self._messages:
+                    try:
+                        # wait for next request
+                        self._waiter = loop.create_future()
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+
+                message, payload = self._messages.popleft()
+
+                # Free a parser slot; resume reading once drained to low water so
+                # pipelining keeps flowing while this request is handled.
+                if self._parser is not None:  # pragma: no branch
+                    self._parser.message_consumed()
+                if (
+                    self._buffer_paused
+                    and len(self._messages) <= self._msg_queue_resume_size
+                ):
+                    self._resume_reading_if_drained()
+
+                # time is only fetched if logging is enabled as otherwise
+                # its thrown away and never used.
+                start = loop.time() if self._logging_enabled else None
+
+                manager.requests_count += 1
+                writer = web_protocol.StreamWriter(self, loop)
+                if isinstance(message, _ErrInfo):  # type: ignore[arg-type]
+                    # make request_factory work
+                    request_handler = self._make_error_handler(message)
+                    message = _ERROR
+                else:
+                    request_handler = self._request_handler
+
+                # Important don't hold a reference to the current task
+                # as on traceback it will prevent the task from being
+                # collected and will cause a memory leak.
+                request = self._request_factory(
+                    message,
+                    payload,
+                    self,
+                    writer,
+                    self._task_handler or asyncio.current_task(loop),  # type: ignore[arg-type]
+                )
+                try:
+                    # a new task is used for copy context vars (#3406)
+                    coro = self._handle_request(request, start, request_handler)
+                    if sys.version_info >= (3, 14):
+                        if isinstance(loop, BaseEventLoop):
+                            task = asyncio.create_task(coro, eager_start=True)
+                        else:
+                            task = asyncio.Task(coro, loop=loop, eager_start=True)
+                    elif sys.version_info >= (3, 12):
+                        task = asyncio.Task(coro, loop=loop, eager_start=True)
+                    else:
+                        task = loop.create_task(coro)
+                    try:
+                        resp, reset = await task
+                    except ConnectionError:
+                        self.log_debug("Ignored premature client disconnection")
+                        break
+
+                    # Drop the processed task from asyncio.Task.all_tasks() early
+                    del task
+                    if reset:
+                        self.log_debug("Ignored premature client disconnection 2")
+                        break
+
+                    # notify server about keep-alive
+                    self._keepalive = bool(resp.keep_alive)
+
+                    # check payload
+                    if not payload.is_eof():
+                        lingering_time = self._lingering_time
+                        if not self._force_close and lingering_time:
+                            self.log_debug(
+                                "Start lingering close timer for %s sec.", lingering_time
+                            )
+
+                            now = loop.time()
+                            end_t = now + lingering_time
+
+                            try:
+                                while not payload.is_eof() and now < end_t:
+                                    async with web_protocol.ceil_timeout(end_t - now):
+                                        # read and ignore
+                                        await payload.readany()
+                                    now = loop.time()
+                            except (asyncio.CancelledError, asyncio.TimeoutError):
+                                if (
+                                    sys.version_info >= (3, 11)
+                                    and (t := asyncio.current_task())
+                                    and t.cancelling()
+                                ):
+                                    raise
+
+                        # if payload still uncompleted
+                        if not payload.is_eof() and not self._force_close:
+                            self.log_debug("Uncompleted request.")
+                            self.close()
+
+                    payload.set_exception(_PAYLOAD_ACCESS_ERROR)
+
+                except asyncio.CancelledError:
+                    self.log_debug("Ignored premature client disconnection")
+                    self.force_close()
+                    raise
+                except Exception as exc:
+                    self.log_exception("Unhandled exception", exc_info=exc)
+                    self.force_close()
+                except BaseException:
+                    self.force_close()
+                    raise
+                finally:
+                    request._task = None  # type: ignore[assignment] # Break reference cycle in case of exception
+                    if self.transport is None and resp is not None:
+                        self.log_debug("Ignored premature client disconnection.")
+
+                # Added: an idle keep-alive connection keeps nothing of its last request.
+                request = message = payload = writer = coro = resp = None  # type: ignore[assignment]
+
+                if self._keepalive and not self._close and not self._force_close:
+                    # start keep-alive timer
+                    close_time = loop.time() + keepalive_timeout
+                    self._next_keepalive_close_time = close_time
+                    if self._keepalive_handle is None:
+                        self._keepalive_handle = loop.call_at(
+                            close_time, self._process_keepalive
+                        )
+                else:
+                    break
+
+            # remove handler, close transport if no handlers left
+            if not self._force_close:
+                self._task_handler = None
+                if self.transport is not None:
+                    self.transport.close()
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
