@@ -551,7 +551,12 @@ class TunnelSession:
                 self._ws_close_code = _WS_INTERNAL_ERROR
                 self._set_reason("internal error")
                 self.protocol.close(ErrorCode.INTERNAL_ERROR, "internal error")
-            self._kick()
+            # Wake the writer only when it has something to do: frames queued in answer
+            # (PONG, WINDOW_UPDATE, RESET, CLOSE) or a tunnel that ended. Most messages
+            # (a response, a request) queue nothing, and a turn of the writer for nothing
+            # was a task switch per message.
+            if self.protocol.pending_output or self.protocol.closed:
+                self._kick()
 
     def _handle_event(self, event: Event) -> None:
         if isinstance(event, DataReceived):
