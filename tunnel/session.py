@@ -487,6 +487,9 @@ class TunnelSession:
             progress.set()
 
     async def _send_all(self, frames: list[bytes]) -> None:
+        if len(frames) == 1:  # a turn with one frame (a request head at low load): one message
+            await self.websocket.send(frames[0])
+            return
         for message in _coalesce(frames):
             await self.websocket.send(message)
 
