@@ -16,7 +16,6 @@ import os
 from xml.sax.saxutils import escape
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from cmg.config import GatewayConfig
 from cmg.tokens import TokenError
@@ -51,6 +50,43 @@ HDR_TOKEN_TENANT = b"X-CMG-Token-Tenant"
 HDR_MESSAGE_ID = b"X-CMG-Message-Id"
 HDR_CLIENT_IP = b"X-CMG-Client-IP"
 
+#: How many distinct header names the per-name caches below keep (clients choose names).
+NAME_CACHE_SIZE = 1024
+
+
+class _HeaderNames:
+    """A header name as a peer spelled it -> the str aiohttp takes, or "" when it is not
+    relayed; memoised, since the same few names come with every request."""
+
+    def __init__(self, dropped: frozenset[bytes]) -> None:
+        self._dropped = dropped
+        self._names: dict[bytes, str] = {}
+        self.get = self._names.get
+
+    def add(self, name: bytes) -> str:
+        text = "" if name.lower() in self._dropped else name.decode("latin-1")
+        if len(self._names) < NAME_CACHE_SIZE:
+            self._names[name] = text
+        return text
+
+
+# Response header names relayed when the response is streamed, and when it arrived whole
+# (aiohttp then sets Content-Length itself, from the body it is given).
+_STREAMED_NAMES = _HeaderNames(HOP_BY_HOP)
+_WHOLE_NAMES = _HeaderNames(HOP_BY_HOP | {b"content-length"})
+# Request header names: whether they cross the tunnel (never hop-by-hop ones, nor the
+# gateway's own X-CMG-*).
+_FORWARDED: dict[bytes, bool] = {}
+
+
+def _forwarded(name: bytes) -> bool:
+    lower = name.lower()
+    forward = lower not in HOP_BY_HOP and not lower.startswith(IDENTITY_PREFIX)
+    if len(_FORWARDED) < NAME_CACHE_SIZE:
+        _FORWARDED[name] = forward
+    return forward
+
+
 CHECK_KEY = "cmg_client_check"
 # Methods a client may send twice without harm: replayed on another connection point
 # when a tunnel dies before answering. Never CCM_POST or BITS_POST.
@@ -59,13 +95,32 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "PROPFIND", "OPTIONS"})
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
+# Random hex digits for message ids, read from the OS 4 KiB at a time (one getrandom
+# call per 128 ids instead of one per id).
+_random_hex = ""
+_random_pos = 0
+# The GUID variant digit (10xx in binary) from any random hex digit.
+_VARIANT_DIGIT = {c: "89AB"[int(c, 16) & 3] for c in "0123456789ABCDEF"}
+
+
+def _forget_random_hex() -> None:  # a forked child must not reuse its parent's digits
+    global _random_hex, _random_pos
+    _random_hex, _random_pos = "", 0
+
+
+os.register_at_fork(after_in_child=_forget_random_hex)
+
+
 def new_message_id() -> str:
     """A ConfigMgr-style message id: a random (version 4) GUID in braces, upper case."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    x = b.hex().upper()
-    return f"{{{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}}}"
+    global _random_hex, _random_pos
+    pos = _random_pos
+    if pos >= len(_random_hex):
+        _random_hex = os.urandom(4096).hex().upper()
+        pos = 0
+    _random_pos = pos + 32
+    x = _random_hex[pos:pos + 32]
+    return f"{{{x[:8]}-{x[8:12]}-4{x[13:16]}-{_VARIANT_DIGIT[x[16]]}{x[17:20]}-{x[20:]}}}"
 
 
 def _await_chain(task: asyncio.Task[object] | None) -> str:
@@ -205,15 +260,20 @@ class ClientRequestHandler:
 
     def _request_headers(self, request: web.BaseRequest, identity: ClientIdentity | None,
                          message_id: str) -> list[tuple[bytes, bytes]]:
-        connection_tokens = {
-            t.strip().lower().encode("latin-1")
-            for t in request.headers.get("Connection", "").split(",") if t.strip()
-        }
-        headers = [
-            (k, v) for k, v in request.raw_headers
-            if (lk := k.lower()) not in HOP_BY_HOP and lk not in connection_tokens
-            and not lk.startswith(IDENTITY_PREFIX)
-        ]
+        forwarded = _FORWARDED.get
+        headers = []
+        for k, v in request.raw_headers:
+            forward = forwarded(k)
+            if forward is None:
+                forward = _forwarded(k)
+            if forward:
+                headers.append((k, v))
+        connection = request.headers.get("Connection")
+        if connection:
+            # The headers it names belong to this hop too.
+            connection_tokens = {t.strip().lower().encode("latin-1") for t in connection.split(",") if t.strip()}
+            if connection_tokens:
+                headers = [(k, v) for k, v in headers if k.lower() not in connection_tokens]
         headers.append((HDR_MESSAGE_ID, message_id.encode()))
         peer = request.remote
         if peer:
@@ -341,19 +401,27 @@ class ClientRequestHandler:
             if body is not None:
                 # The whole response is here already (a small one, usually): one
                 # Response, written with its head in one go.
-                headers = CIMultiDict(
-                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers  # type: ignore[attr-defined]
-                    if (lk := k.lower()) not in HOP_BY_HOP and lk != b"content-length"
-                )
+                known = _WHOLE_NAMES.get
+                headers = []
+                for k, v in head.headers:  # type: ignore[attr-defined]
+                    name = known(k)
+                    if name is None:
+                        name = _WHOLE_NAMES.add(k)
+                    if name:
+                        headers.append((name, v.decode("latin-1")))
                 nsent = sent[0] if isinstance(sent, list) else sent
                 assert cp.role_id is not None
                 link.account(cp.role_id, status < 500, nsent, len(body))
                 self._summary.record(request.path, nsent, len(body), (time.monotonic() - start) * 1000)
                 return WholeResponse(status=status, reason=head.reason, headers=headers, body=body)  # type: ignore[attr-defined]
         resp = web.StreamResponse(status=status, reason=head.reason)  # type: ignore[attr-defined]
+        add = resp.headers.add
         for k, v in head.headers:  # type: ignore[attr-defined]
-            if k.lower() not in HOP_BY_HOP:
-                resp.headers.add(k.decode("latin-1"), v.decode("latin-1"))
+            name = _STREAMED_NAMES.get(k)
+            if name is None:
+                name = _STREAMED_NAMES.add(k)
+            if name:
+                add(name, v.decode("latin-1"))
         received = 0
         complete = ended = False
         try:

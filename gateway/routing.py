@@ -62,6 +62,8 @@ class Routes:
         # Roles ever published since start: a role whose connection points are all
         # gone answers 503 (unavailable), not 404 (unknown).
         self._known: dict[int, PublishedRole] = {}
+        # The endpoints of each known role, lower-cased once (looked up per request).
+        self._known_paths: dict[int, frozenset[str]] = {}
 
     @property
     def links(self) -> tuple[ConnectorLink, ...]:
@@ -74,6 +76,8 @@ class Routes:
     def add(self, link: ConnectorLink) -> None:
         self._links.append(link)
         self._known.update(link.roles)
+        for role_id, role in link.roles.items():
+            self._known_paths[role_id] = frozenset(p.lower() for p in role.paths)
 
     def remove(self, link: ConnectorLink) -> None:
         if link in self._links:
@@ -89,15 +93,16 @@ class Routes:
 
     def is_known(self, role_id: int, resource: str) -> bool:
         """Whether some connection point has published this role and endpoint."""
-        role = self._known.get(role_id)
-        if role is None:
-            return False
-        wanted = resource.lower()
-        return any(p.lower() == wanted for p in role.paths)
+        paths = self._known_paths.get(role_id)
+        return paths is not None and resource.lower() in paths
 
     def candidates(self, role_id: int) -> list[ConnectorLink]:
         """Usable links serving the role, starting with the one whose turn it is."""
-        links = [l for l in self._links if role_id in l.roles and l.usable]
+        all_links = self._links
+        if len(all_links) == 1:  # the usual case: one tunnel per instance and site
+            link = all_links[0]
+            return [link] if role_id in link.roles and link.usable else []
+        links = [l for l in all_links if role_id in l.roles and l.usable]
         if len(links) <= 1:
             return links
         counter = self._turn.setdefault(role_id, itertools.count())

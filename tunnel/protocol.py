@@ -67,6 +67,7 @@ from .events import (
 )
 from .frames import (
     END_STREAM,
+    FRAME_HEADER,
     MAX_STREAM_ID,
     Frame,
     FrameParser,
@@ -89,6 +90,8 @@ from .frames import (
 from .limits import MAX_WINDOW, Limits
 
 __all__ = ["RECENTLY_RESET_MEMORY", "Role", "TunnelProtocol"]
+
+_pack_header = FRAME_HEADER.pack
 
 #: How many ids of streams we reset are remembered, to ignore their in-flight frames.
 RECENTLY_RESET_MEMORY = 4096
@@ -159,6 +162,7 @@ class TunnelProtocol:
         self._welcome_sent = False
         self._peer_hello: HelloReceived | None = None
         self._peer_welcome: WelcomeReceived | None = None
+        self._peer_ready = False  # the peer's HELLO (gateway) or WELCOME (connector) is in
         self._peer_settings: Settings | None = None
         self._local_draining = False
         self._peer_draining = False
@@ -279,9 +283,21 @@ class TunnelProtocol:
             raise ProtocolError(ErrorCode.STREAM_CLOSED, "data received after the tunnel was closed")
         events: list[Event] = []
         try:
-            self._parser.append(data)
-            while not self._closed and (frame := self._parser.next_frame()) is not None:
-                self._receive_frame(frame, events)
+            parser = self._parser
+            parser.append(data)
+            while not self._closed and (fields := parser.next_fields()) is not None:
+                ftype, flags, stream_id, payload = fields
+                # Once the handshake is in, DATA and HEADERS (every request) go straight
+                # to their handlers; the rest goes through _receive_frame.
+                if ftype is FrameType.DATA and self._peer_ready:
+                    self._receive_data_frame(stream_id, payload, flags == END_STREAM, events)
+                elif ftype is FrameType.HEADERS and self._peer_ready:
+                    if self.role is Role.GATEWAY:
+                        self._receive_response(stream_id, payload, flags == END_STREAM, events)
+                    else:
+                        self._receive_request(stream_id, payload, flags == END_STREAM, events)
+                else:
+                    self._receive_frame(Frame(ftype, flags, stream_id, payload), events)
         except ProtocolError as exc:
             self.close(exc.code, exc.reason)
             raise
@@ -312,12 +328,12 @@ class TunnelProtocol:
             if ftype in (FrameType.HELLO, FrameType.WELCOME):
                 raise self._unexpected(frame, "after WELCOME")
         if ftype is FrameType.DATA:
-            self._receive_data_frame(frame, events)
+            self._receive_data_frame(frame.stream_id, frame.payload, frame.end_stream, events)
         elif ftype is FrameType.HEADERS:
             if self.role is Role.GATEWAY:
-                self._receive_response(frame, events)
+                self._receive_response(frame.stream_id, frame.payload, frame.end_stream, events)
             else:
-                self._receive_request(frame, events)
+                self._receive_request(frame.stream_id, frame.payload, frame.end_stream, events)
         elif ftype is FrameType.WINDOW_UPDATE:
             self._receive_window_update(frame, events)
         elif ftype is FrameType.RESET:
@@ -325,7 +341,7 @@ class TunnelProtocol:
         elif ftype is FrameType.PING:
             decode_ping(frame.payload)
             self._count_ping()
-            self._queue(Frame(FrameType.PONG, 0, 0, frame.payload))
+            self._queue(FrameType.PONG, 0, 0, frame.payload)
             events.append(PingReceived())
         elif ftype is FrameType.PONG:
             self._receive_pong(frame, events)
@@ -345,12 +361,14 @@ class TunnelProtocol:
     def _receive_hello(self, frame: Frame, events: list[Event]) -> None:
         hello = decode_hello(frame.payload)
         self._peer_hello = hello
+        self._peer_ready = True
         self._set_peer_settings(hello.settings)
         events.append(hello)
 
     def _receive_welcome(self, frame: Frame, events: list[Event]) -> None:
         welcome = decode_welcome(frame.payload)
         self._peer_welcome = welcome
+        self._peer_ready = True
         self._set_peer_settings(welcome.settings)
         events.append(welcome)
 
@@ -370,19 +388,18 @@ class TunnelProtocol:
         return _Kind.OLD if stream_id < self._next_stream_id else _Kind.INVALID
 
     @staticmethod
-    def _never_opened(frame: Frame) -> ProtocolError:
+    def _never_opened(ftype: FrameType, stream_id: int) -> ProtocolError:
         return ProtocolError(
-            ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} frame on stream {frame.stream_id}, which was never opened"
+            ErrorCode.PROTOCOL_ERROR, f"{ftype.name} frame on stream {stream_id}, which was never opened"
         )
 
     @staticmethod
-    def _already_closed(frame: Frame) -> ProtocolError:
+    def _already_closed(ftype: FrameType, stream_id: int) -> ProtocolError:
         return ProtocolError(
-            ErrorCode.STREAM_CLOSED, f"{frame.type.name} frame on stream {frame.stream_id}, which is closed"
+            ErrorCode.STREAM_CLOSED, f"{ftype.name} frame on stream {stream_id}, which is closed"
         )
 
-    def _receive_request(self, frame: Frame, events: list[Event]) -> None:
-        stream_id = frame.stream_id
+    def _receive_request(self, stream_id: int, payload: bytes, end_stream: bool, events: list[Event]) -> None:
         kind = self._classify(stream_id)
         if kind is _Kind.RECENTLY_RESET:
             return
@@ -395,12 +412,12 @@ class TunnelProtocol:
             )
         if kind is _Kind.INVALID:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"even stream id {stream_id} from the gateway")
-        method, target, headers = decode_request_head(frame.payload)
+        method, target, headers = decode_request_head(payload)
         self._last_peer_stream_id = stream_id
         if self._drain_seen_by_peer or len(self._streams) >= self.limits.max_concurrent_streams:
             # Not a tunnel error: the stream was never processed, the gateway may retry it.
-            self._queue(Frame(FrameType.RESET, 0, stream_id, encode_reset(ErrorCode.REFUSED_STREAM)))
-            if not frame.end_stream:
+            self._queue(FrameType.RESET, 0, stream_id, encode_reset(ErrorCode.REFUSED_STREAM))
+            if not end_stream:
                 self._remember_reset(stream_id)
             return
         assert self._peer_settings is not None
@@ -409,63 +426,64 @@ class TunnelProtocol:
             send_window=self._peer_settings.stream_window,
             recv_window=self.limits.stream_window,
             head_received=True,
-            remote_open=not frame.end_stream,
+            remote_open=not end_stream,
         )
         self._streams[stream_id] = stream
-        events.append(RequestReceived(stream_id, method, target, headers, frame.end_stream))
+        events.append(RequestReceived(stream_id, method, target, headers, end_stream))
 
-    def _receive_response(self, frame: Frame, events: list[Event]) -> None:
-        kind = self._classify(frame.stream_id)
-        if kind is _Kind.RECENTLY_RESET:
-            return
-        if kind is _Kind.OLD:
-            raise self._already_closed(frame)
-        if kind is not _Kind.OPEN:
-            raise self._never_opened(frame)
-        stream = self._streams[frame.stream_id]
+    def _receive_response(self, stream_id: int, payload: bytes, end_stream: bool, events: list[Event]) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            kind = self._classify(stream_id)
+            if kind is _Kind.RECENTLY_RESET:
+                return
+            if kind is _Kind.OLD:
+                raise self._already_closed(FrameType.HEADERS, stream_id)
+            raise self._never_opened(FrameType.HEADERS, stream_id)
         if stream.head_received:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"second response HEADERS on stream {frame.stream_id}")
-        status, reason, headers = decode_response_head(frame.payload)
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"second response HEADERS on stream {stream_id}")
+        status, reason, headers = decode_response_head(payload)
         stream.head_received = True
-        events.append(ResponseReceived(frame.stream_id, status, reason, headers, frame.end_stream))
-        if frame.end_stream:
+        events.append(ResponseReceived(stream_id, status, reason, headers, end_stream))
+        if end_stream:
             stream.remote_open = False
             self._forget_if_closed(stream)
 
-    def _receive_data_frame(self, frame: Frame, events: list[Event]) -> None:
-        size = len(frame.payload)
-        kind = self._classify(frame.stream_id)
-        if kind in (_Kind.NEW, _Kind.INVALID):
-            raise self._never_opened(frame)
-        if kind is _Kind.OLD:
-            raise self._already_closed(frame)
+    def _receive_data_frame(self, stream_id: int, payload: bytes, end_stream: bool, events: list[Event]) -> None:
+        size = len(payload)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            kind = self._classify(stream_id)
+            if kind in (_Kind.NEW, _Kind.INVALID):
+                raise self._never_opened(FrameType.DATA, stream_id)
+            if kind is _Kind.OLD:
+                raise self._already_closed(FrameType.DATA, stream_id)
         if size > self._tunnel_recv_window:
             raise ProtocolError(
                 ErrorCode.FLOW_CONTROL_ERROR,
                 f"DATA of {size} bytes beyond the tunnel window ({self._tunnel_recv_window} left)",
             )
         self._tunnel_recv_window -= size
-        if kind is _Kind.RECENTLY_RESET:
+        if stream is None:  # recently reset by us: credit it back at once
             self._tunnel_unacked += size
             self._maybe_update_tunnel_window()
-            if frame.end_stream:
-                self._recently_reset.pop(frame.stream_id, None)
+            if end_stream:
+                self._recently_reset.pop(stream_id, None)
             return
-        stream = self._streams[frame.stream_id]
         if not stream.remote_open:
-            raise ProtocolError(ErrorCode.STREAM_CLOSED, f"DATA on stream {frame.stream_id} after END_STREAM")
+            raise ProtocolError(ErrorCode.STREAM_CLOSED, f"DATA on stream {stream_id} after END_STREAM")
         if not stream.head_received:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"DATA before the response HEADERS on stream {frame.stream_id}")
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"DATA before the response HEADERS on stream {stream_id}")
         if size > stream.recv_window:
             raise ProtocolError(
                 ErrorCode.FLOW_CONTROL_ERROR,
-                f"DATA of {size} bytes beyond the window of stream {frame.stream_id} ({stream.recv_window} left)",
+                f"DATA of {size} bytes beyond the window of stream {stream_id} ({stream.recv_window} left)",
             )
         stream.recv_window -= size
         stream.outstanding += size
         self._tunnel_outstanding += size
-        events.append(DataReceived(frame.stream_id, frame.payload, frame.end_stream))
-        if frame.end_stream:
+        events.append(DataReceived(stream_id, payload, end_stream))
+        if end_stream:
             stream.remote_open = False
             self._forget_if_closed(stream)
 
@@ -479,7 +497,7 @@ class TunnelProtocol:
             return
         kind = self._classify(frame.stream_id)
         if kind in (_Kind.NEW, _Kind.INVALID):
-            raise self._never_opened(frame)
+            raise self._never_opened(frame.type, frame.stream_id)
         if kind is not _Kind.OPEN:
             return
         stream = self._streams[frame.stream_id]
@@ -493,7 +511,7 @@ class TunnelProtocol:
         code, reason = decode_reset(frame.payload)
         kind = self._classify(frame.stream_id)
         if kind in (_Kind.NEW, _Kind.INVALID):
-            raise self._never_opened(frame)
+            raise self._never_opened(frame.type, frame.stream_id)
         if kind is _Kind.RECENTLY_RESET:
             self._recently_reset.pop(frame.stream_id, None)
             return
@@ -532,8 +550,9 @@ class TunnelProtocol:
 
     # -- sending -----------------------------------------------------------------
 
-    def _queue(self, frame: Frame) -> None:
-        data = frame.serialize()
+    def _queue(self, ftype: FrameType, flags: int = 0, stream_id: int = 0, payload: bytes = b"") -> None:
+        # What Frame(...).serialize() makes, without the Frame: every field is ours and in range.
+        data = _pack_header(ftype, flags, stream_id, len(payload)) + payload
         self._outgoing.append(data)
         self._outgoing_size += len(data)
 
@@ -555,7 +574,7 @@ class TunnelProtocol:
         if self._hello_sent:
             raise LocalProtocolError("HELLO already sent")
         payload = encode_hello(site_code, connection_point, roles, self.limits.settings())
-        self._queue(Frame(FrameType.HELLO, 0, 0, payload))
+        self._queue(FrameType.HELLO, 0, 0, payload)
         self._hello_sent = True
 
     def send_welcome(self, instance: str) -> None:
@@ -570,7 +589,7 @@ class TunnelProtocol:
             raise LocalProtocolError("WELCOME before HELLO was received")
         if self._welcome_sent:
             raise LocalProtocolError("WELCOME already sent")
-        self._queue(Frame(FrameType.WELCOME, 0, 0, encode_welcome(instance, self.limits.settings())))
+        self._queue(FrameType.WELCOME, 0, 0, encode_welcome(instance, self.limits.settings()))
         self._welcome_sent = True
 
     def _peer(self) -> Settings:
@@ -608,7 +627,7 @@ class TunnelProtocol:
             local_open=not end_stream,
             head_sent=True,
         )
-        self._queue(Frame(FrameType.HEADERS, END_STREAM if end_stream else 0, stream_id, head))
+        self._queue(FrameType.HEADERS, END_STREAM if end_stream else 0, stream_id, head)
         return stream_id
 
     def _sending_stream(self, stream_id: int) -> _Stream:
@@ -642,7 +661,7 @@ class TunnelProtocol:
                 f"response head of {len(head)} bytes above the peer's max_header_size {peer.max_header_size}"
             )
         stream.head_sent = True
-        self._queue(Frame(FrameType.HEADERS, END_STREAM if end_stream else 0, stream_id, head))
+        self._queue(FrameType.HEADERS, END_STREAM if end_stream else 0, stream_id, head)
         if end_stream:
             stream.local_open = False
             self._forget_if_closed(stream)
@@ -670,10 +689,10 @@ class TunnelProtocol:
         for offset in range(0, size, step):
             chunk = bytes(view[offset : offset + step])
             last = offset + step >= size
-            self._queue(Frame(FrameType.DATA, END_STREAM if (last and end_stream) else 0, stream_id, chunk))
+            self._queue(FrameType.DATA, END_STREAM if (last and end_stream) else 0, stream_id, chunk)
         if end_stream:
             if size == 0:
-                self._queue(Frame(FrameType.DATA, END_STREAM, stream_id, b""))
+                self._queue(FrameType.DATA, END_STREAM, stream_id, b"")
             stream.local_open = False
             self._forget_if_closed(stream)
 
@@ -705,7 +724,7 @@ class TunnelProtocol:
             if stream.remote_open:
                 stream.unacked += n
                 if _should_return(stream.unacked, stream.recv_window, self.limits.stream_window):
-                    self._queue(Frame(FrameType.WINDOW_UPDATE, 0, stream_id, encode_window_update(stream.unacked)))
+                    self._queue(FrameType.WINDOW_UPDATE, 0, stream_id, encode_window_update(stream.unacked))
                     stream.recv_window += stream.unacked
                     stream.unacked = 0
         self._tunnel_outstanding -= n
@@ -715,7 +734,7 @@ class TunnelProtocol:
     def _maybe_update_tunnel_window(self) -> None:
         unacked = self._tunnel_unacked
         if _should_return(unacked, self._tunnel_recv_window, self.limits.tunnel_window):
-            self._queue(Frame(FrameType.WINDOW_UPDATE, 0, 0, encode_window_update(unacked)))
+            self._queue(FrameType.WINDOW_UPDATE, 0, 0, encode_window_update(unacked))
             self._tunnel_recv_window += unacked
             self._tunnel_unacked = 0
 
@@ -746,7 +765,7 @@ class TunnelProtocol:
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
-        self._queue(Frame(FrameType.RESET, 0, stream_id, encode_reset(code, reason)))
+        self._queue(FrameType.RESET, 0, stream_id, encode_reset(code, reason))
         if stream.remote_open:
             self._remember_reset(stream_id)
         self._return_outstanding(stream)
@@ -761,7 +780,7 @@ class TunnelProtocol:
         self._ping_counter += 1
         ping_id = self._ping_counter.to_bytes(8, "big")
         self._pings[ping_id] = self.clock()
-        self._queue(Frame(FrameType.PING, 0, 0, ping_id))
+        self._queue(FrameType.PING, 0, 0, ping_id)
 
     def drain(self) -> None:
         """Queue DRAIN (once): the peer must open no new stream; ours in flight go on.
@@ -776,7 +795,7 @@ class TunnelProtocol:
             return
         self._peer()
         self._local_draining = True
-        self._queue(Frame(FrameType.DRAIN))
+        self._queue(FrameType.DRAIN)
         self.ping()
         self._drain_ping = next(reversed(self._pings))
 
@@ -784,6 +803,6 @@ class TunnelProtocol:
         """Queue CLOSE and move to CLOSED (every stream is gone). A no-op once closed."""
         if self._closed:
             return
-        self._queue(Frame(FrameType.CLOSE, 0, 0, encode_close(code, reason)))
+        self._queue(FrameType.CLOSE, 0, 0, encode_close(code, reason))
         self._closed = True
         self._streams.clear()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol as TypingProtocol
@@ -239,16 +240,22 @@ class TunnelStream:
             raise StreamClosedError(f"stream {self.stream_id} is closed for sending")
 
     async def _wait_readable(self, timeout: float | None = None) -> None:
-        """Until woken; TimeoutError after ``timeout`` s (a timer, not a wait_for task)."""
+        """Until woken; TimeoutError after ``timeout`` s (the tunnel's deadline timer, not a wait_for task)."""
         loop = asyncio.get_running_loop()
         waiter = self._read_waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        if timeout is None:
+            try:
+                await waiter
+            finally:
+                self._read_waiter = None
+            return
+        session = self._session
+        session._set_deadline(self, loop.time() + timeout)
         try:
             await waiter
         finally:
             self._read_waiter = None
-            if timer is not None:
-                timer.cancel()
+            session._deadlines.pop(self, None)
 
     def _wake_reader(self) -> None:
         waiter = self._read_waiter
@@ -310,6 +317,11 @@ class TunnelSession:
         self.close_reason: str | None = None
         self._streams: dict[int, TunnelStream] = {}
         self._credit_waiters: set[TunnelStream] = set()
+        # Streams waiting to read with a timeout, and when each gives up. One timer for
+        # the earliest (a timer per wait cost more than the rest of the wait).
+        self._deadlines: dict[TunnelStream, float] = {}
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = math.inf
         self._handlers: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()
@@ -475,6 +487,9 @@ class TunnelSession:
             progress.set()
 
     async def _send_all(self, frames: list[bytes]) -> None:
+        if len(frames) == 1:  # a turn with one frame (a request head at low load): one message
+            await self.websocket.send(frames[0])
+            return
         for message in _coalesce(frames):
             await self.websocket.send(message)
 
@@ -539,7 +554,12 @@ class TunnelSession:
                 self._ws_close_code = _WS_INTERNAL_ERROR
                 self._set_reason("internal error")
                 self.protocol.close(ErrorCode.INTERNAL_ERROR, "internal error")
-            self._kick()
+            # Wake the writer only when it has something to do: frames queued in answer
+            # (PONG, WINDOW_UPDATE, RESET, CLOSE) or a tunnel that ended. Most messages
+            # (a response, a request) queue nothing, and a turn of the writer for nothing
+            # was a task switch per message.
+            if self.protocol.pending_output or self.protocol.closed:
+                self._kick()
 
     def _handle_event(self, event: Event) -> None:
         if isinstance(event, DataReceived):
@@ -632,6 +652,39 @@ class TunnelSession:
             else:
                 # The response is complete; drop any request body nobody read.
                 stream.reset(ErrorCode.NO_ERROR)
+
+    def _set_deadline(self, stream: TunnelStream, deadline: float) -> None:
+        self._deadlines[stream] = deadline
+        if deadline < self._deadline_at:
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_at = deadline
+            self._deadline_timer = asyncio.get_running_loop().call_at(deadline, self._expire_deadlines)
+
+    def _expire_deadlines(self) -> None:
+        """The timer of the earliest deadline: time out every wait that is due, and set
+        the timer for the next (the waits it was set for may have ended long ago)."""
+        self._deadline_timer = None
+        self._deadline_at = math.inf
+        deadlines = self._deadlines
+        if not deadlines:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for stream in [stream for stream, deadline in deadlines.items() if deadline <= now]:
+            del deadlines[stream]
+            waiter = stream._read_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(TimeoutError())
+        if deadlines:
+            self._deadline_at = min(deadlines.values())
+            self._deadline_timer = loop.call_at(self._deadline_at, self._expire_deadlines)
+
+    def _stop_deadline_timer(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadline_at = math.inf
 
     def _acknowledge(self, stream_id: int, n: int) -> None:
         if n and not self.protocol.closed:
@@ -730,13 +783,9 @@ class TunnelSession:
             await self._close_websocket()
             self._writer_done = True
             self._notify_progress()
+            self._stop_deadline_timer()
             self._closed_event.set()
             self.logger.info("%s: tunnel closed: %s", self.name, self.close_reason)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 def _coalesce(frames: Iterable[bytes]) -> Iterable[bytes]:
