@@ -28,6 +28,7 @@ from tunnel import (
     TunnelProtocol,
     TunnelSession,
 )
+from tunnel.ws import DirectClientConnection
 
 from .backoff import backoff
 from .forwarder import Forwarder
@@ -124,6 +125,7 @@ class ConnectionPoint:
                 async with connect(
                     url, ssl=ctx, server_hostname=cfg.service_name, subprotocols=[SUBPROTOCOL],
                     compression=None, ping_interval=None, ping_timeout=None, proxy=None,
+                    create_connection=DirectClientConnection,
                     max_size=2 * (cfg.limits.max_frame_size + cfg.limits.max_header_size) + 2**20,
                     max_queue=64, write_limit=cfg.limits.max_frame_size * 4,
                     open_timeout=cfg.limits.open_timeout, close_timeout=2.0, user_agent_header=None,

@@ -32,6 +32,7 @@ from tunnel import (
     VersionMismatch,
     negotiate,
 )
+from tunnel.ws import DirectServerConnection
 
 from .revocation import CRLStore
 from .routing import ConnectorLink, Routes
@@ -60,7 +61,7 @@ class TunnelEndpoint:
         self._server = await serve(
             self._handle, self._config.bind, self._config.tunnel_port, ssl=self._ssl,
             process_request=self._check_version, select_subprotocol=self._select,
-            compression=None, ping_interval=None, ping_timeout=None,
+            compression=None, ping_interval=None, ping_timeout=None, create_connection=DirectServerConnection,
             max_size=2 * (lim.max_frame_size + lim.max_header_size) + 2**20,  # frames coalesce; a HELLO may be 1 MiB
             max_queue=64, write_limit=lim.max_frame_size * 4,
             open_timeout=lim.open_timeout, close_timeout=2.0, server_header=None, logger=self._log.getChild("ws"),

@@ -375,6 +375,12 @@ class TunnelSession:
         reader = self._reader_task = asyncio.create_task(self._read_loop(), name=f"{self.name} tunnel reader")
         writer = self._writer_task = asyncio.create_task(self._write_loop(), name=f"{self.name} tunnel writer")
         pinger = asyncio.create_task(self._ping_loop(), name=f"{self.name} tunnel pinger")
+        # A websocket of tunnel.ws hands messages over as it parses them (the reader then
+        # only learns that the connection ended); attached before the reader first runs,
+        # so messages that came already go first.
+        attach = getattr(self.websocket, "attach_receiver", None)
+        if attach is not None:
+            attach(self._deliver)
         try:
             await asyncio.wait({reader})
         finally:
@@ -535,31 +541,53 @@ class TunnelSession:
                     self._set_reason(f"connection lost ({type(exc).__name__}: {exc})")
                     self.protocol.close(ErrorCode.INTERNAL_ERROR, "connection lost")
                 return
-            try:
-                if isinstance(message, str):
-                    self.protocol.close(ErrorCode.PROTOCOL_ERROR, "text message on the tunnel")
-                    raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "text message on the tunnel")
-                events = self.protocol.receive_data(message)
-            except ProtocolError as exc:
-                self._ws_close_code = _WS_PROTOCOL_ERROR
-                self._set_reason(f"protocol error: {exc}")
-                self.logger.warning("%s: the peer broke the tunnel protocol, closing: %s", self.name, exc)
-                self._kick()
+            if not self._receive_message(message):
                 return
-            try:
-                for event in events:
-                    self._handle_event(event)
-            except Exception:
-                self.logger.exception("%s: internal error while handling tunnel events", self.name)
-                self._ws_close_code = _WS_INTERNAL_ERROR
-                self._set_reason("internal error")
-                self.protocol.close(ErrorCode.INTERNAL_ERROR, "internal error")
-            # Wake the writer only when it has something to do: frames queued in answer
-            # (PONG, WINDOW_UPDATE, RESET, CLOSE) or a tunnel that ended. Most messages
-            # (a response, a request) queue nothing, and a turn of the writer for nothing
-            # was a task switch per message.
-            if self.protocol.pending_output or self.protocol.closed:
-                self._kick()
+
+    def _deliver(self, message: bytes) -> None:
+        """A message handed over by the websocket as it was parsed (see :mod:`tunnel.ws`):
+        what the read loop does with one, and the loop ends when the session must."""
+        try:
+            going_on = self._receive_message(message)
+        except Exception:  # never into the websocket's data_received
+            self.logger.exception("%s: internal error while receiving a tunnel message", self.name)
+            going_on = False
+        if going_on and not self.protocol.closed:
+            return
+        detach = getattr(self.websocket, "detach_receiver", None)
+        if detach is not None:
+            detach()
+        if self._reader_task is not None:
+            self._reader_task.cancel()  # run() goes on to shut the session down
+
+    def _receive_message(self, message: bytes | str) -> bool:
+        """Feed one websocket message to the protocol; False when the peer broke it."""
+        try:
+            if isinstance(message, str):
+                self.protocol.close(ErrorCode.PROTOCOL_ERROR, "text message on the tunnel")
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "text message on the tunnel")
+            events = self.protocol.receive_data(message)
+        except ProtocolError as exc:
+            self._ws_close_code = _WS_PROTOCOL_ERROR
+            self._set_reason(f"protocol error: {exc}")
+            self.logger.warning("%s: the peer broke the tunnel protocol, closing: %s", self.name, exc)
+            self._kick()
+            return False
+        try:
+            for event in events:
+                self._handle_event(event)
+        except Exception:
+            self.logger.exception("%s: internal error while handling tunnel events", self.name)
+            self._ws_close_code = _WS_INTERNAL_ERROR
+            self._set_reason("internal error")
+            self.protocol.close(ErrorCode.INTERNAL_ERROR, "internal error")
+        # Wake the writer only when it has something to do: frames queued in answer
+        # (PONG, WINDOW_UPDATE, RESET, CLOSE) or a tunnel that ended. Most messages
+        # (a response, a request) queue nothing, and a turn of the writer for nothing
+        # was a task switch per message.
+        if self.protocol.pending_output or self.protocol.closed:
+            self._kick()
+        return True
 
     def _handle_event(self, event: Event) -> None:
         if isinstance(event, DataReceived):
@@ -764,6 +792,9 @@ class TunnelSession:
         self._streams.clear()
 
     async def _shutdown(self, reader: asyncio.Task[None], writer: asyncio.Task[None], pinger: asyncio.Task[None]) -> None:
+        detach = getattr(self.websocket, "detach_receiver", None)
+        if detach is not None:
+            detach()
         if not self.protocol.closed:  # run() was cancelled
             self._set_reason("session cancelled")
             self.protocol.close(ErrorCode.CANCEL, "session cancelled")

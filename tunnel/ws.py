@@ -1,0 +1,113 @@
+"""websockets connections that hand whole binary messages straight to the tunnel session.
+
+``websockets.asyncio`` queues every message it parses and hands it over when a task
+awaits ``recv()``: a task switch and an event-loop turn per message. Over the tunnel,
+where one message may carry a single small response, that was a sizeable part of a
+request's cost. These subclasses (for ``serve(create_connection=...)`` and
+``connect(create_connection=...)``) pass each unfragmented binary message to a receiver
+as soon as it is parsed; :class:`~tunnel.session.TunnelSession` attaches one when it runs.
+
+Order is kept: messages parsed before a receiver is attached wait in a short queue
+(reading pauses while it is full) and go first; a text or fragmented message, which the
+tunnel's peers never send, turns the direct path off for good, so it and everything
+after it go through ``recv()`` in order. The tunnel's own flow control bounds what a
+receiver is given, as the queue of ``recv()`` did.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+
+__all__ = ["DirectClientConnection", "DirectServerConnection", "Receiver"]
+
+#: Messages parsed before a receiver is attached that are held before reading pauses.
+EARLY_MESSAGES = 16
+
+Receiver = Callable[[bytes], None]
+
+
+class _Direct:
+    """The direct path's state for one connection."""
+
+    __slots__ = ("receiver", "early", "on", "paused")
+
+    def __init__(self) -> None:
+        self.receiver: Receiver | None = None
+        self.early: deque[bytes] = deque()
+        self.on = True
+        self.paused = False
+
+    def offer(self, event: Request | Response | Frame, pause: Callable[[], None]) -> bool:
+        """Whether the event was taken (a whole binary message)."""
+        if not isinstance(event, Frame):
+            return False
+        if not (self.on and event.opcode is Opcode.BINARY and event.fin):
+            if event.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+                self.on = False  # through recv() from here on, in order
+            return False
+        data = event.data if type(event.data) is bytes else bytes(event.data)
+        receiver = self.receiver
+        if receiver is not None:
+            receiver(data)
+            return True
+        self.early.append(data)
+        if len(self.early) >= EARLY_MESSAGES and not self.paused:
+            self.paused = True
+            pause()
+        return True
+
+    def attach(self, receiver: Receiver, resume: Callable[[], None]) -> None:
+        early, self.early = self.early, deque()
+        self.receiver = receiver
+        while early and self.receiver is receiver:
+            receiver(early.popleft())
+        if self.paused:
+            self.paused = False
+            resume()
+
+    def detach(self) -> None:
+        self.receiver = None
+        self.on = False
+        self.early.clear()
+
+
+class DirectServerConnection(ServerConnection):
+    """The gateway's end of a tunnel (``serve(create_connection=DirectServerConnection)``)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._direct = _Direct()
+
+    def process_event(self, event: Request | Response | Frame) -> None:
+        if not self._direct.offer(event, self.transport.pause_reading):
+            super().process_event(event)
+
+    def attach_receiver(self, receiver: Receiver) -> None:
+        self._direct.attach(receiver, self.transport.resume_reading)
+
+    def detach_receiver(self) -> None:
+        self._direct.detach()
+
+
+class DirectClientConnection(ClientConnection):
+    """The connection point's end of a tunnel (``connect(create_connection=DirectClientConnection)``)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._direct = _Direct()
+
+    def process_event(self, event: Request | Response | Frame) -> None:
+        if not self._direct.offer(event, self.transport.pause_reading):
+            super().process_event(event)
+
+    def attach_receiver(self, receiver: Receiver) -> None:
+        self._direct.attach(receiver, self.transport.resume_reading)
+
+    def detach_receiver(self) -> None:
+        self._direct.detach()
