@@ -8,7 +8,6 @@ import socket
 import time
 
 from aiohttp import web
-from OpenSSL import SSL
 
 from cmg.cmtrace import open_log
 from cmg.config import GatewayConfig
@@ -23,7 +22,7 @@ from .routing import ConnectorLink, Routes
 from .service_log import TrafficSummary
 from .token_auth import TokenAuthenticator
 from .tls import StartupError, check_service_name, client_context, load_certificates, load_server_identity, tunnel_context
-from .tls_transport import TLSServerProtocol
+from .tls_transport import TLSListener, TLSServerSettings, TLSServerTransport
 from .tunnel_endpoint import TunnelEndpoint
 
 
@@ -39,7 +38,7 @@ def client_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.setblocking(False)  # asyncio listens when the instance starts serving
+    sock.setblocking(False)  # TLSListener listens when the instance starts serving
     return sock
 
 
@@ -57,14 +56,14 @@ class GatewayInstance:
         self.metrics = GatewayMetrics(config.instance)
         self.known_connection_points: set[str] = set()
         self.monitoring: MonitoringServer | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: TLSListener | None = None
         self._web: web.Server | None = None
         self._summary_task: asyncio.Task[None] | None = None
         self.summary = TrafficSummary(self.log, self.metrics)
         self.tunnels: TunnelEndpoint | None = None
         self.handler: ClientRequestHandler | None = None
         self.tokens: TokenAuthenticator | None = None
-        self._connections: set[TLSServerProtocol] = set()
+        self._connections: set[TLSServerTransport] = set()
         self._first_connection_point = asyncio.Event()
         self._stopping = False
         self._listening: asyncio.Future[None] | None = None
@@ -100,13 +99,13 @@ class GatewayInstance:
                                   auto_decompress=False, access_log=None, keepalive_timeout=120,
                                max_field_size=16384, max_line_size=16384)
         sock = client_socket(cfg.bind, cfg.client_port, reuse_port=True)
-        loop = asyncio.get_running_loop()
-        web_server = self._web
+        settings = TLSServerSettings(ctx, self._web, send_timeout=cfg.client_send_timeout, log=self.log,
+                                     on_lost=self._connections.discard)
         # Bound now (the port is ours), listening only once a connection point serves this
         # instance, or after listen_grace: with several instances on one port, a
         # restarted instance must not take clients it can only answer with 503.
-        self._server = await loop.create_server(lambda: self._client_protocol(ctx, web_server), sock=sock,
-                                                backlog=4096, start_serving=False)
+        self._server = TLSListener(sock, lambda s, peer: self._client_connection(settings, s, peer),
+                                   backlog=4096, log=self.log)
         if cfg.listen_grace > 0:
             self._listening = asyncio.ensure_future(self._start_serving())
         else:
@@ -144,18 +143,18 @@ class GatewayInstance:
         self.known_connection_points.add(link.name)
         self.metrics.tunnel_connects.labels(str(self.config.instance), link.name).inc()
 
-    def _client_protocol(self, ctx: SSL.Context, web_server: web.Server) -> asyncio.Protocol:
-        """A new client connection, or a closed door once max_connections are open."""
+    def _client_connection(self, settings: TLSServerSettings, sock: socket.socket,
+                           peer: object) -> TLSServerTransport | None:
+        """A new client connection, or a closed door (None) once max_connections are open."""
         if len(self._connections) >= self.config.max_connections:
             self._refused_connections += 1
             if self._refused_connections in (1, 10, 100) or self._refused_connections % 1000 == 0:
                 self.log.warning("Connection limit %d reached: %d connections refused so far",
                                  self.config.max_connections, self._refused_connections)
-            return _Refuse()
-        proto = TLSServerProtocol(ctx, web_server, send_timeout=self.config.client_send_timeout,
-                                  log=self.log, on_lost=self._connections.discard)
-        self._connections.add(proto)
-        return proto
+            return None
+        conn = TLSServerTransport(settings, sock, peer)
+        self._connections.add(conn)
+        return conn
 
     @property
     def client_port(self) -> int:
@@ -204,10 +203,3 @@ class GatewayInstance:
         self.log.info("CMG instance %d stopped", cfg.instance)
         for h in list(self.log.handlers):
             h.flush()
-
-
-class _Refuse(asyncio.Protocol):
-    """Closes a connection at once (over the connection limit)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # type: ignore[attr-defined]

@@ -1,182 +1,206 @@
-"""TLS termination for the client listener: pyOpenSSL over asyncio, under aiohttp.
+"""TLS termination for the client listener: pyOpenSSL on the accepted socket, under aiohttp.
 
-``TLSServerProtocol`` owns the raw TCP transport and a pyOpenSSL connection on
-memory BIOs. After the handshake it creates the HTTP protocol (aiohttp's request
-handler) and hands it a ``TLSAppTransport`` that encrypts on write and exposes the
-peer's certificate chain. Reading and writing flow control pass straight through to
-the TCP transport, so a slow client slows its own requests and nothing else.
+``TLSListener`` accepts client connections on the instance's listening socket once it
+is told to serve. Each becomes a ``TLSServerTransport``: OpenSSL reads and writes the
+non-blocking socket itself (a socket BIO, no memory BIOs to copy through), driven by
+the event loop's reader and writer callbacks. After the handshake the transport creates
+the HTTP protocol (aiohttp's request handler) and is its transport: plaintext in,
+plaintext out.
+
+Flow control: reading stops while the HTTP layer pauses it; what the HTTP layer writes
+and the socket cannot take yet is queued (as plaintext, retried with the same buffer as
+OpenSSL requires) and the HTTP layer is paused above the high-water mark, so memory stays
+bounded and a slow client slows its own requests and nothing else.
+
+The hot path calls OpenSSL through pyOpenSSL's own cffi binding (``SSL_read`` into one
+buffer allocated once, ``SSL_write`` straight from the caller's bytes); errors still go
+through pyOpenSSL, so its exceptions and their reasons are the ones logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 import struct
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from cryptography import x509
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 log = logging.getLogger("gateway.tls")
 
 _READ_SIZE = 256 * 1024
+# Plaintext handed on per reader callback. A fast uploader refills the socket as fast
+# as it is read; the poll is level-triggered, so the rest waits for the next turn.
+_READ_BUDGET = 256 * 1024
+_HIGH_WATER = 64 * 1024  # asyncio's and uvloop's defaults
+_ACCEPT_BATCH = 256
+_ACCEPT_RETRY_DELAY = 1.0  # as asyncio, after EMFILE and the like
+_DRAIN_BEFORE_CLOSE = 256 * 1024
 
-# pyOpenSSL's recv(n) and bio_read(n) allocate an n-byte buffer on every call (at
-# 256 KiB, malloc maps and unmaps it each time), and bio_read ends every flush by
-# raising WantReadError. On the hot path the same OpenSSL calls are made through
-# pyOpenSSL's own cffi binding into one buffer allocated once (the event loop is
-# single-threaded; every result is copied out before the next call). Errors still go
-# through pyOpenSSL, so its exceptions are raised exactly as before.
-try:
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
-
-    _BUFFER = _ffi.new("char[]", _READ_SIZE)
-    _SSL_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
-    _FAST = all(hasattr(_lib, name) for name in ("SSL_read", "BIO_read")) and hasattr(SSL.Connection, "_raise_ssl_error")
-except Exception:  # pragma: no cover - another pyOpenSSL layout: the public API
-    _FAST = False
-
-
-class TLSAppTransport(asyncio.Transport):
-    """What the HTTP layer sees: a transport of plaintext over the TLS connection."""
-
-    def __init__(self, owner: "TLSServerProtocol") -> None:
-        super().__init__()
-        self._owner = owner
-        self._extra: dict[str, Any] = {}
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._owner.send_plaintext(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        self._owner.send_plaintext(b"".join(list_of_data))
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def write_eof(self) -> None:
-        raise NotImplementedError("TLS has no half-close")
-
-    def is_closing(self) -> bool:
-        return self._owner.closing
-
-    def close(self) -> None:
-        self._owner.close_tls()
-
-    def abort(self) -> None:
-        self._owner.abort()
-
-    def pause_reading(self) -> None:
-        self._owner.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._owner.resume_reading()
-
-    def is_reading(self) -> bool:
-        return not self._owner.reading_paused
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if self._owner.raw is not None:
-            self._owner.raw.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self._owner.raw.get_write_buffer_size() if self._owner.raw else 0
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._owner.app  # type: ignore[return-value]
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._owner.app = protocol  # type: ignore[assignment]
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in self._extra:
-            return self._extra[name]
-        if name == "sslcontext":
-            return self._owner.context
-        if name == "ssl_object":
-            return self._owner.conn
-        if name == "peercert_chain":
-            return self._owner.peer_chain
-        raw = self._owner.raw
-        return raw.get_extra_info(name, default) if raw is not None else default
-
-    def set_extra(self, name: str, value: Any) -> None:
-        self._extra[name] = value
+# The event loop is single-threaded and every result is copied out before the next call.
+_BUFFER = _ffi.new("char[]", _READ_SIZE)
+_BUFFER_VIEW = _ffi.buffer(_BUFFER)
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
+_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
+# Partial writes: SSL_write returns after each record, so progress is counted per record
+# and a short socket write leaves at most one record inside OpenSSL. Moving buffer: a
+# retry after WANT_WRITE may pass a copy of what the caller wrote (same bytes, new address).
+_MODES = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE | _lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
 
 
-class TLSServerProtocol(asyncio.Protocol):
-    """One client TCP connection: TLS handshake, then plaintext to the HTTP protocol."""
+@dataclass(frozen=True, slots=True)
+class TLSServerSettings:
+    """What every connection of one listener shares."""
 
-    def __init__(self, context: SSL.Context, app_factory: Callable[[], asyncio.Protocol],
-                 handshake_timeout: float = 30.0, send_timeout: float = 120.0,
-                 log: logging.Logger = log,
-                 on_handshake: Callable[[TLSAppTransport], None] | None = None,
-                 on_lost: Callable[["TLSServerProtocol"], None] | None = None) -> None:
-        self._on_lost = on_lost
-        self.context = context
-        self._app_factory = app_factory
-        self._handshake_timeout = handshake_timeout
-        self._on_handshake = on_handshake
-        self.raw: asyncio.Transport | None = None
-        self.conn = SSL.Connection(context, None)
+    context: SSL.Context
+    app_factory: Callable[[], asyncio.Protocol]
+    handshake_timeout: float = 30.0
+    send_timeout: float = 120.0
+    log: logging.Logger = log  # the instance's CMGService log
+    on_handshake: Callable[["TLSServerTransport"], None] | None = None
+    on_lost: Callable[["TLSServerTransport"], None] | None = None
+
+
+class TLSServerTransport(asyncio.Transport):
+    """One client connection: the TLS handshake on its socket, then the HTTP protocol's
+    transport. ``connection_lost`` reaches the HTTP protocol one loop turn after the
+    socket is closed, as with asyncio's transports."""
+
+    __slots__ = ("_loop", "_settings", "_sock", "_fd", "_peername", "conn", "app", "closing",
+                 "reading_paused", "_reading", "_writing", "_handshaken", "_timer", "_send_timer",
+                 "_app_write_paused", "_wbuf", "_wsize", "_high", "_low", "_close_when_sent",
+                 "_read_wants_write", "_write_wants_read", "_hs_wants_write")
+
+    def __init__(self, settings: TLSServerSettings, sock: socket.socket, peername: Any = None) -> None:
+        # asyncio.BaseTransport.__init__ would give every connection an empty dict.
+        self._extra: dict[str, Any] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._settings = settings
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
+        self._peername = peername
+        self.conn = SSL.Connection(settings.context, sock)
+        _lib.SSL_set_mode(self.conn._ssl, _MODES)
         self.conn.set_accept_state()
         self.app: asyncio.Protocol | None = None
-        self.app_transport = TLSAppTransport(self)
         self.closing = False
         self.reading_paused = False
         self._handshaken = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._app_write_paused = False
-        self._send_timeout = send_timeout
-        self.log = log  # the instance's CMGService log
         self._send_timer: asyncio.TimerHandle | None = None
+        self._app_write_paused = False
+        self._wbuf: deque[bytes | memoryview] | None = None
+        self._wsize = 0
+        self._high = _HIGH_WATER
+        self._low = _HIGH_WATER // 4
+        self._close_when_sent = False
+        self._read_wants_write = False
+        self._write_wants_read = False
+        self._hs_wants_write = False
+        self._writing = False
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._reading = True
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(
+            settings.handshake_timeout, self._handshake_timed_out)
 
-    # --- raw side ---
+    @property
+    def log(self) -> logging.Logger:
+        return self._settings.log
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.raw = transport  # type: ignore[assignment]
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._handshake_timeout, self._handshake_timed_out)
+    @property
+    def context(self) -> SSL.Context:
+        return self._settings.context
+
+    # --- event loop callbacks ---
+
+    def _on_readable(self) -> None:
+        try:
+            if not self._handshaken:
+                self._handshake()
+                return
+            if self._write_wants_read:  # SSL_write reads what it waits for itself
+                self._write_wants_read = False
+                self._write_pending()
+                if self.reading_paused:  # the reader was there for the write only
+                    if not self._write_wants_read:
+                        self._stop_reading()
+                    return
+            if self._sock is not None:
+                self._read()
+        except Exception as exc:  # a level-triggered callback must not raise and fire again
+            self._fatal_error(exc)
+
+    def _on_writable(self) -> None:
+        try:
+            if not self._handshaken:
+                self._hs_wants_write = False
+                self._handshake()
+                return
+            if self._read_wants_write:
+                self._read_wants_write = False
+                self._read()
+            if self._wbuf and not self._write_wants_read and self._sock is not None:
+                self._write_pending()
+            self._update_writer()
+        except Exception as exc:
+            self._fatal_error(exc)
+
+    def _fatal_error(self, exc: Exception) -> None:
+        self._loop.call_exception_handler({
+            "message": "Fatal error on the client TLS transport", "exception": exc,
+            "transport": self, "protocol": self.app,
+        })
+        self.abort()
+
+    # --- handshake ---
 
     def _handshake_timed_out(self) -> None:
+        self._timer = None
         if not self._handshaken:
             self.log.info("TLS handshake timed out from %s", self._peer())
             self.abort()
 
-    def data_received(self, data: bytes) -> None:
+    def _handshake(self) -> None:
         try:
-            self.conn.bio_write(data)
-        except SSL.Error:
-            self.abort()
+            self.conn.do_handshake()
+        except SSL.WantReadError:
+            self._update_writer()
             return
-        if not self._handshaken:
-            try:
-                self.conn.do_handshake()
-            except SSL.WantReadError:
-                self._flush()
-                return
-            except SSL.Error as exc:
-                self._flush()  # deliver the alert
-                self.log.info("TLS handshake failed from %s: %s", self._peer(), _ssl_reason(exc))
-                self._close_raw()
-                return
-            self._handshake_done()
-            if self.raw is None:
-                return
-        self._read_plaintext()
+        except SSL.WantWriteError:
+            self._hs_wants_write = True
+            self._update_writer()
+            return
+        except SSL.SysCallError as exc:
+            # The client closed or reset mid-handshake: closed without a word, as a TCP
+            # connection that goes away before its TLS starts always was.
+            self._close_socket(_os_error(exc), drain=False)
+            return
+        except SSL.Error as exc:
+            self.log.info("TLS handshake failed from %s: %s", self._peer(), _ssl_reason(exc))
+            self._close_socket(None, drain=True)  # OpenSSL sent the alert already
+            return
+        self._handshake_done()
 
     def _handshake_done(self) -> None:
         self._handshaken = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._flush()
-        if self._on_handshake is not None:
-            self._on_handshake(self.app_transport)
-        self.app = self._app_factory()
-        self.app.connection_made(self.app_transport)
+        self._update_writer()
+        settings = self._settings
+        if settings.on_handshake is not None:
+            settings.on_handshake(self)
+        self.app = settings.app_factory()
+        self.app.connection_made(self)
+        if self._sock is not None and not self.reading_paused:
+            self._read()
 
     @property
     def peer_chain(self) -> tuple[x509.Certificate, ...]:
@@ -190,85 +214,202 @@ class TLSServerProtocol(asyncio.Protocol):
             chain = [leaf, *chain]
         return tuple(chain)
 
-    def _recv(self) -> bytes | None:
-        """The next plaintext, or None when more bytes must arrive first."""
-        conn = self.conn
-        if not _FAST:
-            try:
-                return conn.recv(_READ_SIZE)
-            except SSL.WantReadError:
-                return None
-        n = _lib.SSL_read(conn._ssl, _BUFFER, _READ_SIZE)
-        if n <= 0:
-            if _lib.SSL_get_error(conn._ssl, n) == _SSL_ERROR_WANT_READ:
-                return None  # every read loop ends here: no exception for it
-            conn._raise_ssl_error(conn._ssl, n)
-            return None  # pragma: no cover - pyOpenSSL raised already
-        return _ffi.buffer(_BUFFER, n)[:]
+    # --- reading ---
 
-    def _read_plaintext(self) -> None:
-        # Everything decryptable now goes to the HTTP layer in one piece: SSL_read gives
-        # one TLS record (16 KiB at most) per call, and a request body fed record by
-        # record cost the parser, the body's reader and the tunnel a turn per 16 KiB.
+    def _read(self) -> None:
+        # Everything decryptable now (up to the budget) goes to the HTTP layer in one
+        # piece: SSL_read gives one TLS record (16 KiB at most) per call, and a request
+        # body fed record by record cost the parser, the body's reader and the tunnel a
+        # turn per 16 KiB.
+        conn = self.conn
+        ssl = conn._ssl
         chunks: list[bytes] = []
-        eof = False
-        while self.raw is not None:
-            try:
-                chunk = self._recv()
-                if chunk is None:
-                    break
-            except SSL.ZeroReturnError:  # close_notify from the client
-                eof = True
+        total = 0
+        eof = False  # close_notify from the client
+        tcp_eof = False  # the TCP connection ended without close_notify
+        while True:
+            n = _lib.SSL_read(ssl, _BUFFER, _READ_SIZE)
+            if n > 0:
+                chunks.append(_ffi.buffer(_BUFFER, n)[:])
+                total += n
+                if total < _READ_BUDGET:
+                    continue
+                if _lib.SSL_pending(ssl) > 0:  # decrypted and held inside OpenSSL: no poll will say so
+                    self._loop.call_soon(self._on_readable)
                 break
+            err = _lib.SSL_get_error(ssl, n)
+            if err == _WANT_READ:  # every read loop ends here: no exception for it
+                break
+            if err == _WANT_WRITE:
+                self._read_wants_write = True
+                self._update_writer()
+                break
+            try:
+                conn._raise_ssl_error(ssl, n)
+            except SSL.ZeroReturnError:
+                eof = True
+            except SSL.SysCallError as exc:
+                if exc.args[0] != -1:  # reset: lost, quietly, as a TCP transport reports it
+                    self._deliver(chunks)
+                    self._close_socket(_os_error(exc), drain=False)
+                    return
+                # OpenSSL 3+ reports an EOF without close_notify as an error; the HTTP
+                # layer sees what a TCP transport would show it: the end of the stream.
+                tcp_eof = True
             except SSL.Error as exc:
                 self.log.info("TLS error from %s: %s", self._peer(), _ssl_reason(exc))
                 self._deliver(chunks)
                 self.abort()
                 return
-            chunks.append(chunk)
+            break
         self._deliver(chunks)
-        if self.raw is None:
+        if self._sock is None or not (eof or tcp_eof) or self.app is None:
             return
-        self._flush()
-        if eof and self.app is not None:
-            keep_open = self.app.eof_received()
-            if not keep_open:
-                self.close_tls()
+        keep_open = self.app.eof_received()
+        if self._sock is None:
+            return
+        self._stop_reading()  # nothing more can arrive
+        if tcp_eof:
+            self._close_graceful(notify=False)
+        elif not keep_open:
+            self.close_tls()
 
     def _deliver(self, chunks: list[bytes]) -> None:
-        if chunks and self.app is not None and self.raw is not None:
+        if chunks and self.app is not None and self._sock is not None:
             self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
-    def eof_received(self) -> bool | None:
-        if self.app is not None:
-            self.app.eof_received()
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def pause_reading(self) -> None:
+        if self._sock is not None and not self.reading_paused:
+            self.reading_paused = True
+            if not self._write_wants_read:
+                self._stop_reading()
+
+    def resume_reading(self) -> None:
+        if self._sock is not None and self.reading_paused:
+            self.reading_paused = False
+            if not self.closing and not self._reading:
+                self._reading = True
+                self._loop.add_reader(self._fd, self._on_readable)
+                if self._handshaken and _lib.SSL_pending(self.conn._ssl) > 0:
+                    self._loop.call_soon(self._on_readable)
+
+    def is_reading(self) -> bool:
+        return not self.reading_paused
+
+    # --- writing ---
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closing or self._sock is None or not data:
+            return
+        if self._wbuf:  # after what is queued, in order
+            self._queue(data if isinstance(data, bytes) else bytes(data))
+            return
+        conn = self.conn
+        ssl = conn._ssl
+        buf = _ffi.from_buffer(data)
+        size = len(buf)
+        pos = 0
+        while pos < size:
+            n = _lib.SSL_write(ssl, buf + pos, size - pos)
+            if n > 0:
+                pos += n
+                continue
+            if not self._write_failed(n):
+                return
+            # Not taken yet: the retry passes the same bytes (a copy when the caller's
+            # buffer may change after this call returns).
+            rest = data if isinstance(data, bytes) else bytes(data)
+            self._queue(memoryview(rest)[pos:] if pos else rest)
+            return
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _write_failed(self, n: int) -> bool:
+        """After SSL_write returned n <= 0: True when it is to be retried later."""
+        ssl = self.conn._ssl
+        err = _lib.SSL_get_error(ssl, n)
+        if err == _WANT_WRITE:
+            return True
+        if err == _WANT_READ:  # never seen without renegotiation; handled all the same
+            self._write_wants_read = True
+            if not self._reading:
+                self._reading = True
+                self._loop.add_reader(self._fd, self._on_readable)
+            return True
+        try:
+            self.conn._raise_ssl_error(ssl, n)
+        except SSL.SysCallError as exc:  # the client went away: lost, quietly
+            self._close_socket(_os_error(exc), drain=False)
+            return False
+        except SSL.Error as exc:
+            self.log.info("TLS write failed to %s: %s", self._peer(), _ssl_reason(exc))
+            self.abort()
+            return False
+        self.abort()  # pragma: no cover - SSL_write failed with no error to report
         return False
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._on_lost is not None:
-            self._on_lost(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
-        self.raw = None
-        self.closing = True
-        app, self.app = self.app, None
-        if app is not None:
-            app.connection_lost(exc)
+    def _queue(self, data: bytes | memoryview) -> None:
+        if self._wbuf is None:
+            self._wbuf = deque()
+        self._wbuf.append(data)
+        self._wsize += len(data)
+        self._update_writer()
+        if self._wsize > self._high:
+            self._pause_app_writing()
 
-    def pause_writing(self) -> None:
+    def _write_pending(self) -> None:
+        wbuf = self._wbuf
+        ssl = self.conn._ssl
+        while wbuf:
+            head = wbuf[0]
+            size = len(head)
+            n = _lib.SSL_write(ssl, _ffi.from_buffer(head), size)
+            if n <= 0:
+                if not self._write_failed(n):
+                    return
+                break
+            self._wsize -= n
+            if n == size:
+                wbuf.popleft()
+            else:
+                wbuf[0] = memoryview(head)[n:]
+        if not wbuf:
+            self._wbuf = None
+        self._update_writer()
+        if self._app_write_paused and self._wsize <= self._low:
+            self._resume_app_writing()
+        if self._wbuf is None and self._close_when_sent:
+            self._close_when_sent = False
+            self._shutdown_and_close()
+
+    def _update_writer(self) -> None:
+        if self._sock is None:
+            return
+        wanted = (self._hs_wants_write if not self._handshaken
+                  else self._read_wants_write or (bool(self._wbuf) and not self._write_wants_read))
+        if wanted and not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._on_writable)
+        elif not wanted and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    def _pause_app_writing(self) -> None:
         # The client reads nothing of what is sent: it gets send_timeout seconds to start
         # again, then the connection goes (a stalled reader holds no request for ever).
-        if self._send_timer is None and self.raw is not None:
-            self._send_timer = asyncio.get_running_loop().call_later(self._send_timeout, self._send_timed_out)
+        if self._send_timer is None and self._sock is not None:
+            self._send_timer = self._loop.call_later(self._settings.send_timeout, self._send_timed_out)
         if self.app is not None and not self._app_write_paused:
             self._app_write_paused = True
             self.app.pause_writing()
 
-    def resume_writing(self) -> None:
+    def _resume_app_writing(self) -> None:
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
@@ -279,84 +420,253 @@ class TLSServerProtocol(asyncio.Protocol):
     def _send_timed_out(self) -> None:
         self._send_timer = None
         self.log.warning("Client %s read nothing of its response for %.0f s; connection reset",
-                         self._peer(), self._send_timeout)
-        sock = self.raw.get_extra_info("socket") if self.raw is not None else None
-        if sock is not None:  # a reset, not a close: the kernel drops what is still queued
+                         self._peer(), self._settings.send_timeout)
+        if self._sock is not None:  # a reset, not a close: the kernel drops what is still queued
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
                 pass
         self.abort()
 
-    # --- app side ---
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = _HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        if self._wsize > high:
+            self._pause_app_writing()
+        elif self._app_write_paused and self._wsize <= low:
+            self._resume_app_writing()
 
-    def send_plaintext(self, data: bytes | bytearray | memoryview) -> None:
-        if self.closing or self.raw is None:
-            return
-        try:
-            self.conn.sendall(data)
-        except SSL.Error as exc:
-            self.log.info("TLS write failed to %s: %s", self._peer(), _ssl_reason(exc))
-            self.abort()
-            return
-        self._flush()
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
 
-    def _flush(self) -> None:
-        raw = self.raw
-        if raw is None:
-            return
-        if _FAST:
-            bio = self.conn._from_ssl
-            while True:
-                n = _lib.BIO_read(bio, _BUFFER, _READ_SIZE)
-                if n <= 0:  # a memory BIO fails a read only when it is empty
-                    return
-                raw.write(_ffi.buffer(_BUFFER, n)[:])
-                if n < _READ_SIZE:
-                    return
-        while True:
-            try:
-                out = self.conn.bio_read(_READ_SIZE)
-            except SSL.WantReadError:
-                return
-            if not out:
-                return
-            raw.write(out)
+    def get_write_buffer_size(self) -> int:
+        return self._wsize
 
-    def pause_reading(self) -> None:
-        if self.raw is not None and not self.reading_paused:
-            self.reading_paused = True
-            self.raw.pause_reading()
+    def can_write_eof(self) -> bool:
+        return False
 
-    def resume_reading(self) -> None:
-        if self.raw is not None and self.reading_paused:
-            self.reading_paused = False
-            self.raw.resume_reading()
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS has no half-close")
+
+    # --- closing ---
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.close_tls()
 
     def close_tls(self) -> None:
+        """close_notify after whatever is still queued, then the socket closes."""
         if self.closing:
             return
+        self._close_graceful(notify=True)
+
+    def _close_graceful(self, notify: bool) -> None:
         self.closing = True
+        self._stop_reading()
+        if self._sock is None:
+            return
+        if self._wbuf:
+            self._close_when_sent = True
+            if not notify:
+                self._skip_close_notify()
+            return
+        if notify:
+            self._shutdown_and_close()
+        else:
+            self._close_socket(None, drain=True)
+
+    def _skip_close_notify(self) -> None:
+        # The peer ended the TCP stream: what is queued still goes, but no close_notify
+        # after it (SSL_shutdown is skipped when a connection is marked as shut down).
+        _lib.SSL_set_shutdown(self.conn._ssl, _lib.SSL_SENT_SHUTDOWN | _lib.SSL_RECEIVED_SHUTDOWN)
+
+    def _shutdown_and_close(self) -> None:
         try:
             self.conn.shutdown()
         except SSL.Error:
             pass
-        self._flush()
-        self._close_raw()
-
-    def _close_raw(self) -> None:
-        self.closing = True
-        if self.raw is not None:
-            self.raw.close()
+        self._close_socket(None, drain=True)
 
     def abort(self) -> None:
         self.closing = True
-        if self.raw is not None:
-            self.raw.abort()
+        self._close_socket(None, drain=False)
+
+    def _close_socket(self, exc: Exception | None, drain: bool) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self.closing = True
+        self._stop_reading()
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        if drain:
+            # Unread bytes at close() make the kernel send a reset, which can overtake
+            # the alert or close_notify just sent; uvloop's transport had read them.
+            drained = 0
+            try:
+                while drained < _DRAIN_BEFORE_CLOSE:
+                    n = sock.recv_into(_BUFFER_VIEW)
+                    if n == 0:
+                        break
+                    drained += n
+            except OSError:
+                pass
+        self._sock = None
+        self._wbuf = None
+        self._wsize = 0
+        sock.close()
+        self._loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        on_lost = self._settings.on_lost
+        if on_lost is not None:
+            on_lost(self)
+        app, self.app = self.app, None
+        if app is not None:
+            app.connection_lost(exc)
+
+    # --- the rest of asyncio.Transport ---
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.app  # type: ignore[return-value]
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.app = protocol  # type: ignore[assignment]
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if self._extra is not None and name in self._extra:
+            return self._extra[name]
+        if name == "peername":
+            return self._peername if self._peername is not None else default
+        if name == "sslcontext":
+            return self._settings.context
+        if name == "ssl_object":
+            return self.conn
+        if name == "peercert_chain":
+            return self.peer_chain
+        if name == "socket":
+            return self._sock if self._sock is not None else default
+        if name == "sockname" and self._sock is not None:
+            try:
+                return self._sock.getsockname()
+            except OSError:
+                return default
+        return default
+
+    def set_extra(self, name: str, value: Any) -> None:
+        if self._extra is None:
+            self._extra = {}
+        self._extra[name] = value
 
     def _peer(self) -> str:
-        peer = self.raw.get_extra_info("peername") if self.raw else None
+        peer = self._peername
         return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    def __repr__(self) -> str:
+        return f"<TLSServerTransport {self._peer()}{' closing' if self.closing else ''}>"
+
+
+class TLSListener:
+    """The client listener: bound by the instance, listening and accepting only once it
+    is told to serve. ``connection_factory(sock, peername)`` turns an accepted socket
+    into a connection, or returns None to refuse it (the socket is closed at once)."""
+
+    def __init__(self, sock: socket.socket,
+                 connection_factory: Callable[[socket.socket, Any], TLSServerTransport | None],
+                 backlog: int = 100, log: logging.Logger = log) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock: socket.socket | None = sock
+        self._factory = connection_factory
+        self._backlog = backlog
+        self._log = log
+        self._serving = False
+        self._accepting = False
+        self._retry: asyncio.TimerHandle | None = None
+        sock.setblocking(False)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,) if self._sock is not None else ()
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        if self._serving or self._sock is None:
+            return
+        self._sock.listen(self._backlog)
+        self._serving = True
+        self._start_accepting()
+
+    def _start_accepting(self) -> None:
+        self._retry = None
+        if self._serving and self._sock is not None and not self._accepting:
+            self._accepting = True
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _stop_accepting(self) -> None:
+        if self._accepting and self._sock is not None:
+            self._accepting = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _accept(self) -> None:
+        lsock = self._sock
+        if lsock is None:
+            return
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peername = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._log.error("Cannot accept client connections: %s; trying again in %.0f s",
+                                    exc, _ACCEPT_RETRY_DELAY)
+                    self._stop_accepting()
+                    self._retry = self._loop.call_later(_ACCEPT_RETRY_DELAY, self._start_accepting)
+                    return
+                continue  # that client is gone already (ECONNABORTED and the like)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn = self._factory(sock, peername)
+            except Exception as exc:
+                sock.close()
+                self._loop.call_exception_handler({"message": "Cannot set up a client connection",
+                                                   "exception": exc})
+                continue
+            if conn is None:
+                sock.close()
+
+    def close(self) -> None:
+        """No new connections; those open carry on."""
+        self._stop_accepting()
+        self._serving = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _os_error(exc: SSL.SysCallError) -> OSError | None:
+    code = exc.args[0] if exc.args else -1
+    return OSError(code, os.strerror(code)) if isinstance(code, int) and code > 0 else None
 
 
 def _ssl_reason(exc: SSL.Error) -> str:
