@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request, Response
+from websockets.protocol import Event
 
 __all__ = ["DirectClientConnection", "DirectServerConnection", "Receiver"]
 
@@ -43,7 +45,7 @@ class _Direct:
         self.on = True
         self.paused = False
 
-    def offer(self, event: Request | Response | Frame, pause: Callable[[], None]) -> bool:
+    def offer(self, event: Event, pause: Callable[[], None]) -> bool:
         """Whether the event was taken (a whole binary message)."""
         if not isinstance(event, Frame):
             return False
@@ -77,37 +79,27 @@ class _Direct:
         self.early.clear()
 
 
-class DirectServerConnection(ServerConnection):
+class _DirectConnection(Connection):
+    """What both ends add to websockets' connection: the direct path."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._direct = _Direct()
+
+    def process_event(self, event: Event) -> None:
+        if not self._direct.offer(event, self.transport.pause_reading):
+            super().process_event(event)
+
+    def attach_receiver(self, receiver: Receiver) -> None:
+        self._direct.attach(receiver, self.transport.resume_reading)
+
+    def detach_receiver(self) -> None:
+        self._direct.detach()
+
+
+class DirectServerConnection(_DirectConnection, ServerConnection):
     """The gateway's end of a tunnel (``serve(create_connection=DirectServerConnection)``)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._direct = _Direct()
 
-    def process_event(self, event: Request | Response | Frame) -> None:
-        if not self._direct.offer(event, self.transport.pause_reading):
-            super().process_event(event)
-
-    def attach_receiver(self, receiver: Receiver) -> None:
-        self._direct.attach(receiver, self.transport.resume_reading)
-
-    def detach_receiver(self) -> None:
-        self._direct.detach()
-
-
-class DirectClientConnection(ClientConnection):
+class DirectClientConnection(_DirectConnection, ClientConnection):
     """The connection point's end of a tunnel (``connect(create_connection=DirectClientConnection)``)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._direct = _Direct()
-
-    def process_event(self, event: Request | Response | Frame) -> None:
-        if not self._direct.offer(event, self.transport.pause_reading):
-            super().process_event(event)
-
-    def attach_receiver(self, receiver: Receiver) -> None:
-        self._direct.attach(receiver, self.transport.resume_reading)
-
-    def detach_receiver(self) -> None:
-        self._direct.detach()
