@@ -174,6 +174,16 @@ async def connect(server: Server, pkiset, **kw: Any) -> tuple[asyncio.StreamRead
                                          server_hostname=SERVICE)
 
 
+async def _echoed(pkiset) -> tuple["Server", asyncio.StreamReader, asyncio.StreamWriter, Any]:
+    """A serving listener and a client connection that has had one line echoed."""
+    server = Server(pkiset)
+    await server.listener.start_serving()
+    reader, writer = await connect(server, pkiset)
+    writer.write(b"x\n")
+    assert await reader.readline() == b"x\n"
+    return server, reader, writer, await server.app()
+
+
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_handshake_exchange_extra_info_and_resumption(pkiset, loop_kind):
     async def main() -> None:
@@ -283,12 +293,7 @@ def test_big_upload_and_pause_reading(pkiset, loop_kind):
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_tcp_eof_without_close_notify_is_an_eof_not_an_error(pkiset, loop_kind):
     async def main() -> None:
-        server = Server(pkiset)
-        await server.listener.start_serving()
-        reader, writer = await connect(server, pkiset)
-        writer.write(b"x\n")
-        assert await reader.readline() == b"x\n"
-        app = await server.app()
+        server, reader, writer, app = await _echoed(pkiset)
         app.eof_keep_open = True  # the TCP stream ended: closed all the same
         fd = writer.transport.get_extra_info("socket").fileno()
         with socket.socket(fileno=os.dup(fd)) as dup:  # uvloop's pseudo-socket has no shutdown()
@@ -305,12 +310,7 @@ def test_tcp_eof_without_close_notify_is_an_eof_not_an_error(pkiset, loop_kind):
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_a_reset_is_reported_to_the_app(pkiset, loop_kind):
     async def main() -> None:
-        server = Server(pkiset)
-        await server.listener.start_serving()
-        reader, writer = await connect(server, pkiset)
-        writer.write(b"x\n")
-        assert await reader.readline() == b"x\n"
-        app = await server.app()
+        server, reader, writer, app = await _echoed(pkiset)
         sock = writer.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         writer.transport.abort()
