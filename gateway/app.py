@@ -64,6 +64,7 @@ class GatewayInstance:
         self.handler: ClientRequestHandler | None = None
         self.tokens: TokenAuthenticator | None = None
         self._connections: set[TLSServerTransport] = set()
+        self._all_connections_closed: asyncio.Event | None = None  # while stop() waits for it
         self._first_connection_point = asyncio.Event()
         self._stopping = False
         self._listening: asyncio.Future[None] | None = None
@@ -100,7 +101,7 @@ class GatewayInstance:
                                max_field_size=16384, max_line_size=16384)
         sock = client_socket(cfg.bind, cfg.client_port, reuse_port=True)
         settings = TLSServerSettings(ctx, self._web, send_timeout=cfg.client_send_timeout, log=self.log,
-                                     on_lost=self._connections.discard)
+                                     on_lost=self._connection_lost)
         # Bound now (the port is ours), listening only once a connection point serves this
         # instance, or after listen_grace: with several instances on one port, a
         # restarted instance must not take clients it can only answer with 503.
@@ -156,6 +157,11 @@ class GatewayInstance:
         self._connections.add(conn)
         return conn
 
+    def _connection_lost(self, conn: TLSServerTransport) -> None:
+        self._connections.discard(conn)
+        if not self._connections and self._all_connections_closed is not None:
+            self._all_connections_closed.set()
+
     @property
     def client_port(self) -> int:
         assert self._server is not None
@@ -166,12 +172,32 @@ class GatewayInstance:
             await asyncio.sleep(self.config.traffic_summary_interval)
             self.summary.flush()
 
+    async def _connections_sent(self, deadline: float) -> None:
+        """A finished response may still sit in its connection's send buffer while the
+        client reads it: each closing connection sends what is queued, then closes. Wait
+        for that (within the drain budget, at least a second) before the process leaves,
+        or the end of the response is lost."""
+        if not self._connections:
+            return
+        self._all_connections_closed = asyncio.Event()
+        for conn in list(self._connections):
+            conn.close()  # graceful: what is queued goes first, then close_notify
+        timeout = max(1.0, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(self._all_connections_closed.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.log.warning("Drain timeout: %d client connections still sending their response; closed",
+                             len(self._connections))
+            for conn in list(self._connections):
+                conn.abort()
+
     async def stop(self, drain: bool = True) -> None:
         """Drain: take no new connections, close idle keep-alive ones and let busy ones
         close after their response, finish what is in flight (up to drain_timeout), then
         leave. The tunnels stay usable until the end, so nothing in flight gets a 503."""
         cfg = self.config
         self._stopping = True
+        deadline = asyncio.get_running_loop().time() + cfg.drain_timeout
         if self._listening is not None:
             self._listening.cancel()
         if self._server is not None:
@@ -191,6 +217,8 @@ class GatewayInstance:
             await self.tunnels.drain()
         if self._web is not None:
             await self._web.shutdown(timeout=1.0)
+        if drain:
+            await self._connections_sent(deadline)
         if self.tunnels is not None:
             await self.tunnels.close()
         if self.tokens is not None:
