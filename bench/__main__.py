@@ -40,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"idle TLS connections for idle-6000 (default {workloads.IDLE_CONNECTIONS:,}; "
                         f"--quick {workloads.QUICK_IDLE_CONNECTIONS:,})")
     p.add_argument("--profile", type=Path, metavar="DIR",
-                   help="py-spy the gateway and connection points during an extra 64-connection run")
+                   help="py-spy the gateway and connection points during an extra run")
+    p.add_argument("--profile-connections", type=int, default=64, metavar="N",
+                   help="keep-alive connections of the profiled run (default 64)")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="count only samples holding the GIL (Python's own work, and uvloop's system "
+                        "calls, which hold it; OpenSSL calls through cffi release it) instead of wall time")
     p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs) afterwards")
     return p
 
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"{name}: {run.description}")
                 after = None
                 if py_spy and name.startswith("cmg"):
-                    after = _profiler(py_spy, gen, settings, args.profile, progress)
+                    after = _profiler(py_spy, gen, settings, args.profile, progress,
+                                      args.profile_connections, args.profile_gil)
                 rows.extend(workloads.run_scenario(gen, run, settings, backend.files["large"], progress,
                                                    after_gets=after))
             progress(f"stopped {name}")
@@ -172,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _profiler(py_spy: str, gen: Generators, s: workloads.Settings, out: Path, progress):
-    """An extra, unrecorded 64-connection run with py-spy attached to every CMG process."""
+def _profiler(py_spy: str, gen: Generators, s: workloads.Settings, out: Path, progress, connections: int,
+              gil: bool):
+    """An extra, unrecorded run of 1 KiB GETs with py-spy attached to every CMG process."""
 
     def run_profiled(run: scenarios.Running) -> None:
         seconds = max(4.0, s.seconds * 2)
@@ -181,13 +188,14 @@ def _profiler(py_spy: str, gen: Generators, s: workloads.Settings, out: Path, pr
         for kind in ("gateway", "connector"):
             for i, pid in enumerate(run.groups[kind]()):
                 targets[f"{run.name}-{kind}-{i}"] = pid
-        progress(f"{run.name}: profiling {', '.join(targets)} during {seconds:g} s at 64 connections")
-        rec = profiling.Recorder(py_spy, out, targets, seconds)
+        progress(f"{run.name}: profiling {', '.join(targets)} during {seconds:g} s at {connections} connections")
+        rec = profiling.Recorder(py_spy, out, targets, seconds, gil)
         time.sleep(0.3)
-        r = gen.wrk_get(run.target, workloads.SMALL, 64, seconds)
+        r = gen.wrk_get(run.target, workloads.SMALL, connections, seconds)
         profiles = rec.finish()
         text = profiling.format_profiles(profiles)
-        (out / f"{run.name}-top.txt").write_text(f"{r.rps:,.0f} req/s while profiled\n{text}\n")
+        (out / f"{run.name}-top.txt").write_text(f"{r.rps:,.0f} req/s at {connections} connections while profiled"
+                                                 f"{' (GIL-held samples)' if gil else ' (wall time)'}\n{text}\n")
         progress(f"{run.name}: profiled run {r.rps:,.0f} req/s; summary in {out / (run.name + '-top.txt')}")
 
     return run_profiled

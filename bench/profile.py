@@ -53,7 +53,8 @@ def _short(frame: str) -> str:
 class Recorder:
     """``py-spy record`` on each pid for ``seconds``, in the background."""
 
-    def __init__(self, py_spy: str, out_dir: Path, targets: dict[str, int], seconds: float) -> None:
+    def __init__(self, py_spy: str, out_dir: Path, targets: dict[str, int], seconds: float,
+                 gil: bool = False) -> None:
         self.out_dir = out_dir
         self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,8 @@ class Recorder:
             out = out_dir / f"{name}.collapsed.txt"
             argv = [py_spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
                     "--duration", str(max(1, int(seconds))), "--rate", "250", "--nonblocking"]
+            if gil:  # only samples that hold the GIL: the interpreter's own work
+                argv.append("--gil")
             self.procs[name] = (subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                                  start_new_session=True), out)
 
