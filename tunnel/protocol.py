@@ -550,7 +550,8 @@ class TunnelProtocol:
 
     # -- sending -----------------------------------------------------------------
 
-    def _queue(self, ftype: FrameType, flags: int = 0, stream_id: int = 0, payload: bytes = b"") -> None:
+    def _queue(self, ftype: FrameType, flags: int = 0, stream_id: int = 0,
+               payload: bytes | memoryview = b"") -> None:
         # What Frame(...).serialize() makes, without the Frame: every field is ours and in range.
         data = _pack_header(ftype, flags, stream_id, len(payload)) + payload
         self._outgoing.append(data)
@@ -666,8 +667,10 @@ class TunnelProtocol:
             stream.local_open = False
             self._forget_if_closed(stream)
 
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
         """Queue body bytes, split into frames of at most the peer's max_frame_size.
+        ``data`` is copied into the frames before this returns (a memoryview saves the
+        caller a copy of its own).
 
         Raises FlowControlError if ``len(data) > available_window(stream_id)``,
         StreamClosedError if our side of the stream is closed, LocalProtocolError
@@ -687,7 +690,7 @@ class TunnelProtocol:
         view = memoryview(data)
         step = peer.max_frame_size
         for offset in range(0, size, step):
-            chunk = bytes(view[offset : offset + step])
+            chunk = view[offset : offset + step]  # copied once, by _queue's concatenation
             last = offset + step >= size
             self._queue(FrameType.DATA, END_STREAM if (last and end_stream) else 0, stream_id, chunk)
         if end_stream:

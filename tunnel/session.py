@@ -169,7 +169,7 @@ class TunnelStream:
                     self._session._credit_waiters.discard(self)
                 continue
             chunk, view = view[:available], view[available:]
-            protocol.send_data(self.stream_id, bytes(chunk))
+            protocol.send_data(self.stream_id, chunk)  # copied into the frames at once
             await self._session._flush()
 
     async def end(self) -> None:
