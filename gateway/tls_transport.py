@@ -235,7 +235,7 @@ class TLSServerTransport(asyncio.Transport):
                 if total < _READ_BUDGET:
                     continue
                 if _lib.SSL_pending(ssl) > 0:  # decrypted and held inside OpenSSL: no poll will say so
-                    self._loop.call_soon(self._on_readable)
+                    self._loop.call_soon(self._read_pending)
                 break
             err = _lib.SSL_get_error(ssl, n)
             if err == _WANT_READ:  # every read loop ends here: no exception for it
@@ -274,6 +274,13 @@ class TLSServerTransport(asyncio.Transport):
         elif not keep_open:
             self.close_tls()
 
+    def _read_pending(self) -> None:
+        """What OpenSSL has decrypted and holds, which no poll announces (a record read
+        in part); not while reading is paused: the HTTP layer asked for no more, and
+        pause_reading may have come after this was scheduled."""
+        if self._sock is not None and not self.reading_paused and not self.closing:
+            self._on_readable()
+
     def _deliver(self, chunks: list[bytes]) -> None:
         if chunks and self.app is not None and self._sock is not None:
             self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
@@ -296,7 +303,7 @@ class TLSServerTransport(asyncio.Transport):
                 self._reading = True
                 self._loop.add_reader(self._fd, self._on_readable)
                 if self._handshaken and _lib.SSL_pending(self.conn._ssl) > 0:
-                    self._loop.call_soon(self._on_readable)
+                    self._loop.call_soon(self._read_pending)
 
     def is_reading(self) -> bool:
         return not self.reading_paused

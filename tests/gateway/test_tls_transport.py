@@ -291,6 +291,37 @@ def test_big_upload_and_pause_reading(pkiset, loop_kind):
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
+def test_paused_reading_holds_even_when_openssl_holds_part_of_a_record(pkiset, loop_kind):
+    # 10,000-byte records, so that a read loop filling a fixed buffer would end inside
+    # one and OpenSSL would keep the rest, which no poll announces: fetching that must
+    # wait for resume_reading too. (A read loop of that kind, tried for uploads, read
+    # on while paused and let the gateway buffer 200 MiB; this test caught it.)
+    async def main() -> None:
+        server = Server(pkiset, app_factory=lambda: App(pause_reading_above=1024 * 1024, sink=True))
+        await server.listener.start_serving()
+        reader, writer = await connect(server, pkiset)
+        body = os.urandom(8 * 1024 * 1024)
+        for i in range(0, len(body), 10_000):
+            writer.write(body[i : i + 10_000])
+        app = await server.app()
+        while "paused" not in app.events:
+            await asyncio.sleep(0.01)
+        held = len(app.received)
+        await asyncio.sleep(0.3)
+        assert len(app.received) == held < len(body)  # paused: nothing more arrives
+        app.pause_reading_above = 0
+        app.transport.resume_reading()
+        await writer.drain()
+        while len(app.received) < len(body):
+            await asyncio.sleep(0.01)
+        assert bytes(app.received) == body
+        writer.close()
+        server.listener.close()
+
+    run(loop_kind, main)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
 def test_tcp_eof_without_close_notify_is_an_eof_not_an_error(pkiset, loop_kind):
     async def main() -> None:
         server, reader, writer, app = await _echoed(pkiset)
