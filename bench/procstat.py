@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import psutil
@@ -16,6 +16,11 @@ class Usage:
     peak_rss_kb: dict[str, int]  # highest summed RSS per group seen during the run
     wall_s: float = 0.0
     system_busy_s: float = 0.0  # busy CPU seconds of the machine (all cores), minus this process
+    kernel_s: dict[str, float] = field(default_factory=dict)  # the system (kernel) part of cpu_s
+
+    def kernel_share(self) -> dict[str, float]:
+        """Per group, the share of its CPU time spent in the kernel (system time)."""
+        return {k: round(self.kernel_s.get(k, 0.0) / v, 2) for k, v in self.cpu_s.items() if v > 0}
 
 
 def system_busy() -> float:
@@ -33,15 +38,17 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
+def _cpu(procs: list[psutil.Process]) -> tuple[float, float]:
+    """(user + system, system) CPU seconds of ``procs``."""
+    total = kernel = 0.0
     for p in procs:
         try:
             t = p.cpu_times()
             total += t.user + t.system
+            kernel += t.system
         except psutil.Error:
             pass
-    return total
+    return total, kernel
 
 
 def _rss(procs: list[psutil.Process]) -> int:
@@ -80,7 +87,7 @@ class Monitor:
     def __init__(self, groups: dict[str, Callable[[], list[int]]], interval: float = 0.2) -> None:
         self._groups = groups
         self._interval = interval
-        self._start: dict[str, dict[int, float]] = {}
+        self._start: dict[str, dict[int, tuple[float, float]]] = {}
         self._peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -92,7 +99,7 @@ class Monitor:
             out.extend(_tree(pid))
         return out
 
-    def _per_pid_cpu(self, name: str) -> dict[int, float]:
+    def _per_pid_cpu(self, name: str) -> dict[int, tuple[float, float]]:
         out = {}
         for p in self._procs(name):
             out[p.pid] = _cpu([p])
@@ -117,11 +124,13 @@ class Monitor:
         if self._thread:
             self._thread.join()
         cpu: dict[str, float] = {}
+        kernel: dict[str, float] = {}
         for name in self._groups:
             end = self._per_pid_cpu(name)
             before = self._start.get(name, {})
             # A process born during the run counts from zero.
-            cpu[name] = sum(max(0.0, t - before.get(pid, 0.0)) for pid, t in end.items())
+            cpu[name] = sum(max(0.0, t - before.get(pid, (0.0, 0.0))[0]) for pid, (t, _) in end.items())
+            kernel[name] = sum(max(0.0, k - before.get(pid, (0.0, 0.0))[1]) for pid, (_, k) in end.items())
             self._peak[name] = max(self._peak.get(name, 0), _rss(self._procs(name)))
         self.usage = Usage(cpu, dict(self._peak), time.monotonic() - self._t0,
-                           system_busy() - _own_cpu() - self._busy0)
+                           system_busy() - _own_cpu() - self._busy0, kernel)

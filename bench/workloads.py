@@ -71,6 +71,8 @@ class Row:
     requests: int = 0
     cpu_s_per_1k_req: dict[str, float] = field(default_factory=dict)
     cpu_s_per_gib: dict[str, float] = field(default_factory=dict)
+    # per process group, the share of its CPU time that was system (kernel) time
+    cpu_kernel_share: dict[str, float] = field(default_factory=dict)
     peak_rss_kb: dict[str, int] = field(default_factory=dict)
     latency_source: str = "wrk"
     rps_reps: list[float] = field(default_factory=list)
@@ -136,6 +138,7 @@ def run_get(gen: Generators, run: Running, s: Settings, workload: str, connectio
     cpu["wrk"] = gen_cpu
     row.cpu_s_per_1k_req = _per_1k(cpu, row.requests)
     row.peak_rss_kb = mon.usage.peak_rss_kb
+    row.cpu_kernel_share = mon.usage.kernel_share()
     if mode:
         row.note = "latency excludes the handshake (wrk starts the clock at the request)"
     if nocert:
@@ -203,6 +206,7 @@ def run_bulk(gen: Generators, run: Running, s: Settings, workload: str, upload_f
     gib = total_bytes / 1024**3
     row.cpu_s_per_gib = {k: round(v / gib, 3) for k, v in cpu.items()} if gib else {}
     row.peak_rss_kb = mon.usage.peak_rss_kb
+    row.cpu_kernel_share = mon.usage.kernel_share()
     row.note = "p50/p99: the concurrent 1 KiB probe (one GET every 10 ms on its own connection)"
     return row
 
@@ -264,6 +268,7 @@ def run_mix(gen: Generators, run: Running, s: Settings, progress: Progress) -> R
     served = row.requests + sum(int(r["unmeasured"]) for r in results)
     row.cpu_s_per_1k_req = {**_per_1k(dict(mon.usage.cpu_s), served), **_per_1k({"mix": gen_cpu}, row.requests)}
     row.peak_rss_kb = mon.usage.peak_rss_kb
+    row.cpu_kernel_share = mon.usage.kernel_share()
     gen_cores = gen_cpu / seconds if seconds else 0.0
     ops = ", ".join(f"{k} {v}" for k, v in row.op_counts.items())
     op_p50 = ", ".join(f"{k} {v:.1f}" for k, v in results[-1]["op_p50_ms"].items())
