@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
 import time
 
 import ssl
@@ -272,3 +274,34 @@ def test_a_drain_lets_a_request_body_under_way_arrive(stack_factory):
         assert "Drain timeout" not in cmg.log("CMGService.log")
     finally:
         server.shutdown()
+
+
+def test_sigterm_waits_for_a_client_that_reads_nothing_only_within_drain_timeout(stack_factory):
+    """A stopping instance sends each client what it still holds before it leaves, but a
+    client that reads nothing holds it only until service.drain_timeout has passed since
+    the SIGTERM (here the request in flight uses all of it: then aiohttp's shutdown takes
+    up to 1 s and the connections get their minimum of 1 s); then that connection is
+    aborted and the instance stops, long before client_send_timeout (60 s here)."""
+    import socket
+
+    dep = stack_factory("drain-stalled-reader", instances=1, connectors=1,
+                        overrides={"service": {"drain_timeout": 3, "client_send_timeout": 60}})
+    path, _ = _dp_file(dep, 16 * MIB)
+    raw = socket.create_connection((dep.host, dep.port), timeout=10)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = dep.ssl_context().wrap_socket(raw, server_hostname=dep.service_name)
+    log = dep.path("logs_dir") / "CMGService.log"
+    try:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {dep.service_name}\r\n\r\n".encode())
+        sock.recv(1024)  # the answer has begun: the request is in flight
+        t0 = time.monotonic()
+        os.kill(dep.stack.process("gateway-0").pid, signal.SIGTERM)
+        while "CMG instance 0 stopped" not in log.read_text():
+            assert time.monotonic() - t0 < 15, "the instance waited for a client that reads nothing"
+            time.sleep(0.1)
+        stopped_after = time.monotonic() - t0
+    finally:
+        sock.close()
+    text = log.read_text()
+    assert "client connections still sending their response; closed" in text, text[-2000:]
+    assert 2.5 < stopped_after < 12, stopped_after  # 6.0 s when written
