@@ -65,7 +65,6 @@ class TLSServerSettings:
     handshake_timeout: float = 30.0
     send_timeout: float = 120.0
     log: logging.Logger = log  # the instance's CMGService log
-    on_handshake: Callable[["TLSServerTransport"], None] | None = None
     on_lost: Callable[["TLSServerTransport"], None] | None = None
 
 
@@ -113,10 +112,6 @@ class TLSServerTransport(asyncio.Transport):
     @property
     def log(self) -> logging.Logger:
         return self._settings.log
-
-    @property
-    def context(self) -> SSL.Context:
-        return self._settings.context
 
     # --- event loop callbacks ---
 
@@ -194,10 +189,7 @@ class TLSServerTransport(asyncio.Transport):
             self._timer.cancel()
             self._timer = None
         self._update_writer()
-        settings = self._settings
-        if settings.on_handshake is not None:
-            settings.on_handshake(self)
-        self.app = settings.app_factory()
+        self.app = self._settings.app_factory()
         self.app.connection_made(self)
         if self._sock is not None and not self.reading_paused:
             self._read()

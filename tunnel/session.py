@@ -554,9 +554,7 @@ class TunnelSession:
             going_on = False
         if going_on and not self.protocol.closed:
             return
-        detach = getattr(self.websocket, "detach_receiver", None)
-        if detach is not None:
-            detach()
+        self._detach_receiver()
         if self._reader_task is not None:
             self._reader_task.cancel()  # run() goes on to shut the session down
 
@@ -791,10 +789,13 @@ class TunnelSession:
             stream._tunnel_closed(error)
         self._streams.clear()
 
-    async def _shutdown(self, reader: asyncio.Task[None], writer: asyncio.Task[None], pinger: asyncio.Task[None]) -> None:
+    def _detach_receiver(self) -> None:
         detach = getattr(self.websocket, "detach_receiver", None)
         if detach is not None:
             detach()
+
+    async def _shutdown(self, reader: asyncio.Task[None], writer: asyncio.Task[None], pinger: asyncio.Task[None]) -> None:
+        self._detach_receiver()
         if not self.protocol.closed:  # run() was cancelled
             self._set_reason("session cancelled")
             self.protocol.close(ErrorCode.CANCEL, "session cancelled")
