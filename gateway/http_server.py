@@ -37,7 +37,8 @@ HEADER_TOO_LARGE = errors.CMGError(431, "CMGService_RequestHeaderFieldsTooLarge"
 # writer and response in its local variables while a keep-alive connection waits for
 # the next request: ~4.5 KiB per idle client connection (headers, URL, response
 # headers, the request's cached properties). GatewayRequestHandler.start below is that
-# loop with one line added that lets go of them at the end of each request. It is used
+# loop with one line added that lets go of them at the end of each request (and, on
+# Python 3.11, the request handler run in the loop's task, not a task of its own). It is used
 # only while aiohttp's own loop is the one it was copied from (aiohttp 3.14.5, compared
 # by a hash of its source); any other aiohttp keeps its own loop and that memory.
 _UPSTREAM_START_SHA256 = "2e565fd40c8e04fb"
@@ -122,7 +123,8 @@ class GatewayRequestHandler(AnyVerbRequestHandler):
     if RELEASES_LAST_REQUEST:
         async def start(self) -> None:
             """aiohttp 3.14.5's ``RequestHandler.start``, letting go of each request once it is
-            answered (the line marked below); see ``_UPSTREAM_START_SHA256``."""
+            answered, and running the handler in this task on Python 3.11 (the two places
+            marked below); see ``_UPSTREAM_START_SHA256``."""
             loop = self._loop
             manager = self._manager
             assert manager is not None
@@ -178,23 +180,25 @@ class GatewayRequestHandler(AnyVerbRequestHandler):
                 try:
                     # a new task is used for copy context vars (#3406)
                     coro = self._handle_request(request, start, request_handler)
-                    if sys.version_info >= (3, 14):
-                        if isinstance(loop, BaseEventLoop):
-                            task = asyncio.create_task(coro, eager_start=True)
-                        else:
-                            task = asyncio.Task(coro, loop=loop, eager_start=True)
-                    elif sys.version_info >= (3, 12):
-                        task = asyncio.Task(coro, loop=loop, eager_start=True)
-                    else:
-                        task = loop.create_task(coro)
                     try:
-                        resp, reset = await task
+                        if sys.version_info >= (3, 12):
+                            if sys.version_info >= (3, 14) and isinstance(loop, BaseEventLoop):
+                                task = asyncio.create_task(coro, eager_start=True)
+                            else:
+                                task = asyncio.Task(coro, loop=loop, eager_start=True)
+                            resp, reset = await task
+                            del task  # Drop the processed task from asyncio.Task.all_tasks() early
+                        else:
+                            # Changed: without eager tasks (Python 3.11) a task per request
+                            # costs a turn of the event loop before the handler runs, on
+                            # every request's path. The gateway's handlers set no context
+                            # variables, and a client that goes away cancels this task
+                            # (handler_cancellation), which now runs the handler itself.
+                            resp, reset = await coro
                     except ConnectionError:
                         self.log_debug("Ignored premature client disconnection")
                         break
 
-                    # Drop the processed task from asyncio.Task.all_tasks() early
-                    del task
                     if reset:
                         self.log_debug("Ignored premature client disconnection 2")
                         break

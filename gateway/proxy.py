@@ -10,12 +10,15 @@ or unpublished is ever written to a tunnel.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import logging
 import time
 import os
 from xml.sax.saxutils import escape
 
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 
 from cmg.config import GatewayConfig
 from cmg.tokens import TokenError
@@ -142,17 +145,85 @@ def _error_for(code: ErrorCode) -> errors.CMGError:
     return errors.GATEWAY_TIMEOUT if code is ErrorCode.TIMEOUT else errors.BAD_GATEWAY
 
 
-class WholeResponse(web.Response):
-    """A response that arrived whole, which lets go of its body once sent.
+class WholeResponse:
+    """A response that arrived whole (head, body and end in hand), written as one head and
+    its body in a single write, without aiohttp's response machinery.
 
-    aiohttp's connection loop keeps the last request and response of a keep-alive
-    connection referenced while it waits for the next request; without this an idle
-    client connection would hold the body of its last answer (up to the tunnel's window).
+    aiohttp's low-level server takes any object with ``prepare(request)``,
+    ``write_eof()`` and ``keep_alive``; a ``web.Response`` built, prepared and written
+    was about a sixth of the gateway's work per small request. The head is what aiohttp
+    writes for a ``web.Response`` with these headers and body: the status line in the
+    request's HTTP version, the relayed headers as the site role sent them (bytes),
+    ``Content-Length``, ``Content-Type`` (``application/octet-stream`` when the role gave
+    none and there is a body), ``Date`` and ``Server`` unless relayed, and ``Connection``
+    when the connection's fate differs from the version's default. Never used for HEAD,
+    204 or 304 (no body), which go through ``web.StreamResponse``.
+
+    It lets go of its body once written: aiohttp's connection loop keeps the last
+    response of a keep-alive connection referenced while it waits for the next request.
     """
 
-    async def write_eof(self, data: bytes = b"") -> None:
-        await super().write_eof(data)
+    __slots__ = ("status", "reason", "headers", "body", "keep_alive", "written", "__weakref__")
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                 written: Callable[[], None] | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # relayed ones: no hop-by-hop header, no Content-Length
+        self.body: bytes | None = body
+        self.keep_alive: bool | None = None  # set by prepare()
+        self.written = written  # called once the answer was handed to the client (or failed to be)
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        body = self.body
+        assert body is not None
+        version = request.version
+        keep_alive = self.keep_alive = request.keep_alive
+        head = [b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, self.status,
+                                            self.reason.encode("utf-8", "surrogateescape"))]
+        given = 0
+        for k, v in self.headers:
+            head += (k, b": ", v, b"\r\n")
+            given |= _WHOLE_DEFAULTED.get(k.lower(), 0)
+        head.append(b"Content-Length: %d\r\n" % len(body))
+        if not given & _HAS_CONTENT_TYPE and body:
+            head.append(b"Content-Type: application/octet-stream\r\n")
+        if not given & _HAS_DATE:
+            head += (b"Date: ", rfc822_formatted_time().encode("ascii"), b"\r\n")
+        if not given & _HAS_SERVER:
+            head.append(_SERVER_LINE)
+        if keep_alive:
+            if version == HttpVersion10:
+                head.append(b"Connection: keep-alive\r\n")
+        elif version == HttpVersion11:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        try:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("Cannot write to closing transport")
+            if len(body) <= _JOIN_BODY_UP_TO:
+                head.append(body)
+                transport.write(b"".join(head))
+            else:
+                transport.write(b"".join(head))
+                transport.write(body)
+        finally:
+            written, self.written = self.written, None
+            if written is not None:
+                written()
+        await request._payload_writer.drain()  # the client's backpressure, as aiohttp's writer
+
+    async def write_eof(self) -> None:
         self.body = None
+
+
+# Which of the headers WholeResponse defaults were relayed (by lower-cased name).
+_HAS_CONTENT_TYPE, _HAS_DATE, _HAS_SERVER = 1, 2, 4
+_WHOLE_DEFAULTED = {b"content-type": _HAS_CONTENT_TYPE, b"date": _HAS_DATE, b"server": _HAS_SERVER}
+_SERVER_LINE = b"Server: " + SERVER_SOFTWARE.encode("latin-1") + b"\r\n"
+# Bodies up to this size go out in the head's write (one copy, one TLS write).
+_JOIN_BODY_UP_TO = 65536
 
 
 class ClientRequestHandler:
@@ -408,12 +479,17 @@ class ClientRequestHandler:
                     if name is None:
                         name = _WHOLE_NAMES.add(k)
                     if name:
-                        headers.append((name, v.decode("latin-1")))
+                        headers.append((k, v))
                 nsent = sent[0] if isinstance(sent, list) else sent
-                assert cp.role_id is not None
-                link.account(cp.role_id, status < 500, nsent, len(body))
-                self._summary.record(request.path, nsent, len(body), (time.monotonic() - start) * 1000)
-                return WholeResponse(status=status, reason=head.reason, headers=headers, body=body)  # type: ignore[attr-defined]
+                role_id = cp.role_id
+                assert role_id is not None
+                size = len(body)
+
+                def account() -> None:  # once written: off the response's path
+                    link.account(role_id, status < 500, nsent, size)
+                    self._summary.record(request.path, nsent, size, (time.monotonic() - start) * 1000)
+
+                return WholeResponse(status, head.reason, headers, body, account)  # type: ignore[attr-defined, return-value]
         resp = web.StreamResponse(status=status, reason=head.reason)  # type: ignore[attr-defined]
         add = resp.headers.add
         for k, v in head.headers:  # type: ignore[attr-defined]

@@ -7,10 +7,13 @@ and wakes tasks. Used by both ends, over any object with ``async send(bytes)``,
 
 Tasks: ``run()`` reads messages and feeds the protocol; one writer task flushes
 ``protocol.data_to_send()`` in order, coalescing what was queued since its last turn
-into websocket messages. Writers of streams queue frames and go on; they wait for the
-writer only once ``FLUSH_AHEAD`` bytes are queued and not yet sent, which carries the
-websocket's backpressure to them (``open_stream(wait_sent=True)`` waits until the head
-has left). One task sends pings and enforces the ping timeout; each incoming request
+into websocket messages. Over a websocket of :mod:`tunnel.ws` (``send_now``), what a
+turn of the event loop queued is sent by a callback at the end of that turn instead,
+as long as the websocket takes it at once; what it does not take, and everything after,
+goes to the writer task, which waits for the websocket as before. Writers of streams
+queue frames and go on; they wait for the writer only once ``FLUSH_AHEAD`` bytes are
+queued and not yet sent, which carries the websocket's backpressure to them
+(``open_stream(wait_sent=True)`` waits until the head has left). One task sends pings and enforces the ping timeout; each incoming request
 (connector side) runs ``on_request(stream)`` in a tracked task.
 
 Logging: DEBUG per stream, INFO when a tunnel opens or closes, WARNING when the peer
@@ -135,14 +138,14 @@ class TunnelStream:
         protocol = self._session.protocol
         if not body:
             protocol.send_response(self.stream_id, status, reason, headers, end_stream)
-            await self._session._flush()
+            await self._session._flush(self if end_stream else None)
             self._session._forget(self)
             return
         protocol.send_response(self.stream_id, status, reason, headers, False)
         available = protocol.available_window(self.stream_id)
         if available >= len(body):
             protocol.send_data(self.stream_id, body, end_stream)
-            await self._session._flush()
+            await self._session._flush(self if end_stream else None)
             self._session._forget(self)
             return
         await self.write(body)
@@ -179,7 +182,7 @@ class TunnelStream:
         if not self._session.protocol.stream_can_send(self.stream_id):
             return
         self._session.protocol.end_stream(self.stream_id)
-        await self._session._flush()
+        await self._session._flush(self)
         self._session._forget(self)
 
     async def read(self, timeout: float | None = None) -> bytes:
@@ -329,6 +332,12 @@ class TunnelSession:
         self._queued_gen = 0
         self._sent_gen = 0
         self._writer_done = False
+        # The end-of-turn sending of tunnel.ws websockets (see _send_queued).
+        self._send_now: Callable[[bytes], bool] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._send_handle: asyncio.Handle | None = None
+        self._writer_busy = False
+        self._backlog: list[bytes] = []
         self._hello_event = asyncio.Event()
         self._handshake_event = asyncio.Event()
         self._closed_event = asyncio.Event()
@@ -371,6 +380,8 @@ class TunnelSession:
         if self._started:
             raise RuntimeError("TunnelSession.run() called twice")
         self._started = True
+        self._loop = asyncio.get_running_loop()
+        self._send_now = getattr(self.websocket, "send_now", None)
         self._kick()  # HELLO / WELCOME may be queued already
         reader = self._reader_task = asyncio.create_task(self._read_loop(), name=f"{self.name} tunnel reader")
         writer = self._writer_task = asyncio.create_task(self._write_loop(), name=f"{self.name} tunnel writer")
@@ -424,7 +435,7 @@ class TunnelSession:
             if wait_sent:
                 await self._sent()
             else:
-                await self._flush()
+                await self._flush(stream if end_stream else None)
         except BaseException:
             # The caller never gets this stream (cancelled, or the tunnel died): reset it, or
             # an answer to a head that went out anyway is buffered unread for good.
@@ -459,15 +470,66 @@ class TunnelSession:
         if self.protocol.handshake_done and not self._handshake_event.is_set():
             self._handshake_event.set()  # the application drove the handshake on the protocol
         self._queued_gen += 1
-        self._wakeup.set()
+        if self._send_now is None:
+            self._wakeup.set()
+        elif self._send_handle is None:
+            assert self._loop is not None
+            self._send_handle = self._loop.call_soon(self._send_queued)
         return self._queued_gen
 
-    async def _flush(self) -> None:
+    def _send_queued(self) -> None:
+        """At the end of a turn that queued frames: send them from here, coalesced, while
+        the websocket takes them at once (no task switch, no coroutine per message).
+        The writer task takes over, in order, whenever it would have to wait: it is busy
+        or has a backlog, the websocket is paused (the rest becomes its backlog), or the
+        tunnel is closing."""
+        if self._send_handle is not None:
+            self._send_handle.cancel()  # when called before the end of the turn (_flush)
+            self._send_handle = None
+        if self._writer_busy or self._backlog or self._writer_done or self.protocol.closed:
+            self._wakeup.set()
+            return
+        send_now = self._send_now
+        assert send_now is not None
+        generation = self._queued_gen
+        frames = self.protocol.data_to_send()
+        messages = frames if len(frames) <= 1 else list(_coalesce(frames))
+        for i, message in enumerate(messages):
+            try:
+                sent = send_now(message)
+            except Exception as exc:  # the connection is gone: as when the writer fails
+                self._sending_failed(exc)
+                self._wakeup.set()
+                return
+            if not sent:
+                self._backlog = messages[i:]
+                self._wakeup.set()
+                return
+        self._sent_gen = generation
+        self._notify_progress()
+
+    def _sending_failed(self, exc: Exception) -> None:
+        self.logger.debug("%s: sending failed: %r", self.name, exc)
+        if not self.protocol.closed:
+            self._set_reason(f"connection lost while sending ({type(exc).__name__})")
+            self.protocol.close(ErrorCode.INTERNAL_ERROR, "connection lost")
+
+    async def _flush(self, ended: TunnelStream | None = None) -> None:
         """Have what is queued sent; wait for the writer only when it is behind.
+
+        ``ended``: the stream whose end was just queued. When no other stream is in
+        flight, nothing would join its frames by the end of the turn: they are sent at
+        once (over tunnel.ws), ahead of the caller's bookkeeping after the exchange
+        (logging, metrics), which is then off the request's path. With other streams in
+        flight they wait for the end of the turn, coalesced with the rest.
 
         Raises TunnelClosedError once the writer has stopped.
         """
         generation = self._kick()
+        if ended is not None and self._send_handle is not None:
+            streams = self._streams
+            if len(streams) - (streams.get(ended.stream_id) is ended) == 0:
+                self._send_queued()
         if self._writer_done:
             raise TunnelClosedError(self.close_reason or "the tunnel is closed")
         if self.protocol.pending_output >= FLUSH_AHEAD:
@@ -505,17 +567,19 @@ class TunnelSession:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 generation = self._queued_gen
+                self._writer_busy = True
+                backlog, self._backlog = self._backlog, []
+                for message in backlog:  # what _send_queued could not send, first
+                    await self.websocket.send(message)
                 await self._send_all(self.protocol.data_to_send())
                 if self.protocol.closed:
                     await self._send_all(self.protocol.data_to_send())
                     break
+                self._writer_busy = False
                 self._sent_gen = generation
                 self._notify_progress()
         except Exception as exc:  # the connection is gone: the reader will notice too
-            self.logger.debug("%s: sending failed: %r", self.name, exc)
-            if not self.protocol.closed:
-                self._set_reason(f"connection lost while sending ({type(exc).__name__})")
-                self.protocol.close(ErrorCode.INTERNAL_ERROR, "connection lost")
+            self._sending_failed(exc)
         finally:
             self._writer_done = True
             self._notify_progress()

@@ -12,6 +12,11 @@ Order is kept: messages parsed before a receiver is attached wait in a short que
 tunnel's peers never send, turns the direct path off for good, so it and everything
 after it go through ``recv()`` in order. The tunnel's own flow control bounds what a
 receiver is given, as the queue of ``recv()`` did.
+
+The other way, :meth:`_DirectConnection.send_now` sends a binary message from a plain
+callback, without ``send()``'s coroutine, when ``send()`` would not have to wait: the
+connection open, no fragmented message under way, the transport not paused. Otherwise
+it returns False and the caller uses ``send()``, which waits as it always did.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
-from websockets.protocol import Event
+from websockets.protocol import Event, State
 
 __all__ = ["DirectClientConnection", "DirectServerConnection", "Receiver"]
 
@@ -95,6 +100,16 @@ class _DirectConnection(Connection):
 
     def detach_receiver(self) -> None:
         self._direct.detach()
+
+    def send_now(self, message: bytes) -> bool:
+        """Send one binary message at once if ``send()`` would send it without waiting;
+        False (nothing sent) when it would wait or raise: use ``send()`` then."""
+        if (self.paused or self.send_in_progress is not None or self.protocol.state is not State.OPEN
+                or self.transport.is_closing()):
+            return False
+        self.protocol.send_binary(message)
+        self.send_data()
+        return True
 
 
 class DirectServerConnection(_DirectConnection, ServerConnection):

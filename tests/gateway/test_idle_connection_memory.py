@@ -34,7 +34,7 @@ async def test_an_idle_keep_alive_connection_keeps_nothing_of_its_last_request()
         seen.append(weakref.ref(request))
         body = _Body(b"x" * 4096)
         bodies.append(weakref.ref(body))
-        resp = WholeResponse(body=body, headers={"X-Answer": request.path})
+        resp = WholeResponse(200, "OK", [(b"X-Answer", request.path.encode())], body)
         seen.append(weakref.ref(resp))
         return resp
 

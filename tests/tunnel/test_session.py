@@ -30,10 +30,13 @@ from tunnel import (
     negotiate,
 )
 from tunnel.frames import decode_close, parse_frame
+from tunnel.ws import DirectClientConnection, DirectServerConnection
 
-from tunnel_helpers import ROLES, MemoryWebSocket, memory_pair
+from tunnel_helpers import ROLES, DirectMemoryWebSocket, MemoryWebSocket, memory_pair
 
 MiB = 1 << 20
+# Every test both ways: the session's writer task sends, or (tunnel.ws) the end of each turn.
+pytestmark = pytest.mark.usefixtures("websocket_kind")
 Handler = Callable[[TunnelStream], Awaitable[None]]
 
 
@@ -77,9 +80,9 @@ class Pair:
 
 @contextlib.asynccontextmanager
 async def session_pair(
-    on_request: Handler = echo, limits: Limits = Limits(), **session_kwargs: float
+    on_request: Handler = echo, limits: Limits = Limits(), inbox: int = 64, **session_kwargs: float
 ) -> AsyncIterator[Pair]:
-    gateway_ws, connector_ws = memory_pair()
+    gateway_ws, connector_ws = memory_pair(inbox)
     gateway = TunnelSession(TunnelProtocol(Role.GATEWAY, limits), gateway_ws, name="gw", **session_kwargs)
     connector = TunnelSession(
         TunnelProtocol(Role.CONNECTOR, limits), connector_ws, on_request=on_request, name="cp", **session_kwargs
@@ -117,6 +120,72 @@ async def test_64_concurrent_streams_echo_1mib_each() -> None:
 
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), 60)
         assert pair.gateway.open_streams == pair.connector.open_streams == 0
+
+
+async def test_a_websocket_that_takes_little_ahead_keeps_every_byte_in_order(websocket_kind: str) -> None:
+    """Each end's websocket holds at most 2 messages the peer has not read. Over send_now
+    (tunnel.ws) that often declines a message: it and everything after it go through the
+    writer task's send(), which waits; nothing is lost, duplicated or reordered."""
+    payload = os.urandom(256 * 1024)
+    async with session_pair(inbox=2) as pair:
+        ws = pair.gateway.websocket
+        calls = {"declined": 0, "sent later": 0}
+        if websocket_kind == "send-now":
+            assert isinstance(ws, DirectMemoryWebSocket)
+            send_now, send = ws.send_now, ws.send
+
+            def counting_send_now(message: bytes) -> bool:
+                taken = send_now(message)
+                calls["declined"] += not taken
+                return taken
+
+            async def counting_send(message: bytes) -> None:
+                calls["sent later"] += 1
+                await send(message)
+
+            # The session looked send_now up when it started: patch the class's view of it.
+            pair.gateway._send_now = counting_send_now
+            ws.send = counting_send  # type: ignore[method-assign]
+
+        async def one(i: int) -> None:
+            mine = payload[i:] + payload[:i]
+            assert await exchange(pair.gateway, f"/echo/{i}", mine) == mine
+
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(16))), 60)
+        if websocket_kind == "send-now":
+            assert calls["declined"] > 0 and calls["sent later"] > 0
+
+
+async def test_an_ended_stream_alone_in_flight_is_sent_before_the_handler_goes_on(websocket_kind: str) -> None:
+    """Over send_now, a response that ends a stream with no other stream in flight is
+    handed to the websocket before send_response() returns (the handler's bookkeeping
+    after it is then off the request's path); with another stream in flight it waits
+    for the end of the turn, to be coalesced. Through the writer task, never at once."""
+    at_once: dict[str, bool] = {}
+    release = asyncio.Event()
+
+    async def handler(stream: TunnelStream) -> None:
+        assert stream.request is not None
+        target = stream.request.target
+        if target == "/held":  # stays in flight until released
+            await release.wait()
+        ws = stream._session.websocket
+        assert isinstance(ws, MemoryWebSocket)
+        before = ws.sent_messages
+        await stream.send_response(200, "OK", [], end_stream=True, body=b"answer")
+        at_once[target] = ws.sent_messages > before
+
+    async with session_pair(handler) as pair:
+        first = await pair.gateway.open_stream("GET", "/alone", [], end_stream=True)
+        assert (await asyncio.wait_for(first.response(), 5)).status == 200
+        held = await pair.gateway.open_stream("GET", "/held", [], end_stream=True)
+        await asyncio.sleep(0.05)
+        second = await pair.gateway.open_stream("GET", "/with-another", [], end_stream=True)
+        assert (await asyncio.wait_for(second.response(), 5)).status == 200
+        release.set()
+        assert (await asyncio.wait_for(held.response(), 5)).status == 200
+    direct = websocket_kind == "send-now"
+    assert at_once == {"/alone": direct, "/with-another": False, "/held": direct}
 
 
 async def test_slow_reader_does_not_stall_another_stream() -> None:
@@ -392,8 +461,12 @@ def _select_subprotocol(connection: ServerConnection, offered: list[str]) -> str
         raise websockets.exceptions.NegotiationError(exc.reason) from None
 
 
-async def test_real_websockets_on_loopback() -> None:
+async def test_real_websockets_on_loopback(websocket_kind: str) -> None:
     gateway_sessions: list[TunnelSession] = []
+    # send-now: the connections of tunnel.ws, as the gateway and connection point use.
+    direct = websocket_kind == "send-now"
+    server_kw = {"create_connection": DirectServerConnection} if direct else {}
+    client_kw = {"create_connection": DirectClientConnection} if direct else {}
 
     async def tunnel_endpoint(ws: ServerConnection) -> None:
         assert ws.subprotocol == SUBPROTOCOL
@@ -405,7 +478,8 @@ async def test_real_websockets_on_loopback() -> None:
         await run
 
     async with serve(
-        tunnel_endpoint, "127.0.0.1", 0, subprotocols=[SUBPROTOCOL], select_subprotocol=_select_subprotocol
+        tunnel_endpoint, "127.0.0.1", 0, subprotocols=[SUBPROTOCOL], select_subprotocol=_select_subprotocol,
+        **server_kw,  # type: ignore[arg-type]
     ) as server:
         port = server.sockets[0].getsockname()[1]
         uri = f"ws://127.0.0.1:{port}/"
@@ -417,7 +491,8 @@ async def test_real_websockets_on_loopback() -> None:
         assert info.value.response.status_code == 400
         assert b"offered cmg-tunnel.v0" in info.value.response.body
 
-        async with connect(uri, subprotocols=[SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+        async with connect(uri, subprotocols=[SUBPROTOCOL], **client_kw) as ws:  # type: ignore[list-item, arg-type]
+            assert hasattr(ws, "send_now") is direct
             connector = TunnelSession(TunnelProtocol(Role.CONNECTOR), ws, on_request=echo, name="cp")
             connector.send_hello("ABC", "cp1", ROLES)
             run = asyncio.create_task(connector.run())
@@ -464,22 +539,14 @@ async def test_buffered_body_is_the_whole_body_once_the_peer_ended_it() -> None:
 async def test_writers_queue_ahead_but_wait_once_the_websocket_stops_taking_data() -> None:
     from tunnel.session import FLUSH_AHEAD
 
-    gate = asyncio.Event()
-    gate.set()
-
     async def swallow(stream: TunnelStream) -> None:
         await read_all(stream)
         await stream.send_response(200, "OK", [], end_stream=True)
 
     async with session_pair(swallow) as pair:
         ws = pair.gateway.websocket
-        original_send = ws.send
-
-        async def gated_send(message: bytes) -> None:
-            await gate.wait()
-            await original_send(message)
-
-        ws.send = gated_send  # type: ignore[method-assign]
+        assert isinstance(ws, MemoryWebSocket)
+        gate = ws.gate
         stream = await pair.gateway.open_stream("PUT", "/sink", [])
         # With the websocket taking data, a small write returns without waiting for the writer.
         sent_before = ws.sent_messages
@@ -501,11 +568,8 @@ async def test_writers_queue_ahead_but_wait_once_the_websocket_stops_taking_data
 async def test_open_stream_wait_sent_raises_when_the_head_never_left() -> None:
     async with session_pair() as pair:
         ws = pair.gateway.websocket
-
-        async def broken_send(message: bytes) -> None:
-            raise ConnectionError("connection reset")
-
-        ws.send = broken_send  # type: ignore[method-assign]
+        assert isinstance(ws, MemoryWebSocket)
+        ws.broken = True
         # Without wait_sent the head is only queued: open_stream() returns a stream...
         queued = await pair.gateway.open_stream("GET", "/a", [], end_stream=True)
         # ... whose answer then fails with the tunnel.

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
-
-from tunnel import ErrorCode, Limits, Role, StreamResetError, TunnelProtocol, TunnelSession, TunnelStream
-
+import pytest
 from tunnel_helpers import ROLES, memory_pair
 
+from tunnel import ErrorCode, Limits, Role, StreamResetError, TunnelProtocol, TunnelSession, TunnelStream
 from tunnel.session import FLUSH_AHEAD
 
+pytestmark = pytest.mark.usefixtures("websocket_kind")
 WINDOW = 64 * 1024
 LIMITS = Limits(stream_window=WINDOW, tunnel_window=16 * FLUSH_AHEAD)
 
@@ -24,15 +24,7 @@ async def _pair(handler):
     gateway_ws, connector_ws = memory_pair()
     # The gateway's websocket sends only while ``gate`` is set: a test can hold the
     # session's writer in the middle of a flush (a slow or congested tunnel).
-    gate = asyncio.Event()
-    gate.set()
-    send = gateway_ws.send
-
-    async def gated_send(message: bytes) -> None:
-        await gate.wait()
-        await send(message)
-
-    gateway_ws.send = gated_send  # type: ignore[method-assign]
+    gate = gateway_ws.gate
     gateway = TunnelSession(TunnelProtocol(Role.GATEWAY, LIMITS), gateway_ws, name="gw")
     connector = TunnelSession(TunnelProtocol(Role.CONNECTOR, LIMITS), connector_ws, on_request=handler, name="cp")
     tasks = [asyncio.create_task(gateway.run()), asyncio.create_task(connector.run())]

@@ -90,3 +90,29 @@ async def test_reading_pauses_while_early_messages_wait_and_resumes_on_attach() 
         done.set()
     assert states == {"paused": True, "resumed": True}
     assert received == [b"m%d" % n for n in range(EARLY_MESSAGES + 4)]
+
+
+async def test_send_now_sends_at_once_only_when_send_would_not_wait() -> None:
+    received: list[bytes] = []
+    done = asyncio.Event()
+
+    async def handler(ws: DirectServerConnection) -> None:  # type: ignore[override]
+        ws.attach_receiver(received.append)
+        await done.wait()
+
+    server, uri = await _pair(handler)
+    async with server:
+        client = await connect(uri, create_connection=DirectClientConnection, compression=None)
+        assert client.send_now(b"one") is True
+        client.pause_writing()  # what the transport calls above its high-water mark
+        assert client.send_now(b"not now") is False
+        client.resume_writing()
+        assert client.send_now(b"two") is True
+        for _ in range(100):
+            if len(received) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert received == [b"one", b"two"]
+        done.set()
+        await client.close()
+        assert client.send_now(b"closed") is False

@@ -64,22 +64,34 @@ def handshake(
     return gateway, connector
 
 
+#: Whether memory_pair() gives websockets with ``send_now`` (as tunnel.ws's) by default;
+#: the ``websocket_kind`` fixture (conftest.py) runs a module's tests both ways.
+DIRECT = False
+
+
 class MemoryWebSocket:
-    """One end of an in-memory websocket pair (asyncio.Queue based, with close)."""
+    """One end of an in-memory websocket pair (asyncio.Queue based, with close).
+
+    ``gate``: while it is clear, sends wait (a stuck or congested tunnel); ``broken``:
+    sends raise ConnectionError (a connection reset under the websocket)."""
 
     _CLOSED = object()
 
     def __init__(self, maxsize: int = 64) -> None:
-        import asyncio
-
         self._inbox: asyncio.Queue[object] = asyncio.Queue(maxsize)
         self.peer: MemoryWebSocket | None = None
         self.closed = False
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.sent_messages = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.broken = False
 
     async def send(self, message: bytes) -> None:
+        await self.gate.wait()
+        if self.broken:
+            raise ConnectionError("connection reset")
         if self.closed or self.peer is None or self.peer.closed:
             raise ConnectionError("websocket is closed")
         self.sent_messages += 1
@@ -117,7 +129,25 @@ def _force_put(queue: "asyncio.Queue[object]", item: object) -> None:
             queue.get_nowait()
 
 
-def memory_pair(maxsize: int = 64) -> tuple[MemoryWebSocket, MemoryWebSocket]:
-    a, b = MemoryWebSocket(maxsize), MemoryWebSocket(maxsize)
+class DirectMemoryWebSocket(MemoryWebSocket):
+    """With ``send_now`` as :class:`tunnel.ws._DirectConnection` has it: a message is
+    taken at once unless the gate is clear or the peer's inbox is full (a paused
+    transport); then False, and ``send()`` waits."""
+
+    def send_now(self, message: bytes) -> bool:
+        if self.broken:
+            raise ConnectionError("connection reset")
+        if self.closed or self.peer is None or self.peer.closed:
+            raise ConnectionError("websocket is closed")
+        if not self.gate.is_set() or self.peer._inbox.full():
+            return False
+        self.sent_messages += 1
+        self.peer._inbox.put_nowait(bytes(message))
+        return True
+
+
+def memory_pair(maxsize: int = 64, direct: bool | None = None) -> tuple[MemoryWebSocket, MemoryWebSocket]:
+    kind = DirectMemoryWebSocket if (DIRECT if direct is None else direct) else MemoryWebSocket
+    a, b = kind(maxsize), kind(maxsize)
     a.peer, b.peer = b, a
     return a, b
