@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import hops
 from . import profile as profiling
 from . import report, scenarios, sysdeps, workloads
 from .idle import raise_nofile
@@ -46,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-gil", action="store_true",
                    help="count only samples holding the GIL (Python's own work, and uvloop's system "
                         "calls, which hold it; OpenSSL calls through cffi release it) instead of wall time")
+    p.add_argument("--hops", type=Path, metavar="DIR",
+                   help="time each hop of a request through the CMG (gateway in/out, connection point "
+                        "in/out, backend) at 1 connection from loopback packet timestamps (tcpdump) "
+                        "during an extra run; medians in DIR/<scenario>-hops.txt and .json")
     p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs) afterwards")
     return p
 
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     needed = ["nginx", "wrk", "curl", "gcc", "taskset"]
+    if args.hops:
+        needed.append("tcpdump")
     if "ssh-tunnel" in names:
         needed += ["sshd", "ssh", "ssh-keygen"]
     try:
@@ -139,12 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"starting {name}")
             with scenarios.open_scenario(name, shared) as run:
                 progress(f"{name}: {run.description}")
-                after = None
+                extra = []
                 if py_spy and name.startswith("cmg"):
-                    after = _profiler(py_spy, gen, settings, args.profile, progress,
-                                      args.profile_connections, args.profile_gil)
+                    extra.append(_profiler(py_spy, gen, settings, args.profile, progress,
+                                           args.profile_connections, args.profile_gil))
+                if args.hops and name.startswith("cmg"):
+                    extra.append(_hop_timer(tools["tcpdump"], gen, settings, args.hops, backend.http_port, progress))
                 rows.extend(workloads.run_scenario(gen, run, settings, backend.files["large"], progress,
-                                                   after_gets=after))
+                                                   after_gets=_each(extra)))
             progress(f"stopped {name}")
     except KeyboardInterrupt:
         print("\nbench: interrupted; stopping everything", file=sys.stderr)
@@ -176,6 +186,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {args.plot}")
     print(f"bench: done in {time.monotonic() - t0:.0f} s")
     return 0
+
+
+def _each(callbacks: list):
+    """One after_gets callback running every one of ``callbacks`` (None when there is none)."""
+    if not callbacks:
+        return None
+
+    def run_all(run: scenarios.Running) -> None:
+        for callback in callbacks:
+            callback(run)
+
+    return run_all
+
+
+def _hop_timer(tcpdump: str, gen: Generators, s: workloads.Settings, out: Path, backend_port: int, progress):
+    """An extra, unrecorded run of 1 KiB GETs on one connection under tcpdump: per-hop medians."""
+
+    def run_timed(run: scenarios.Running) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        seconds = max(3.0, s.seconds)
+        capture = hops.Capture(tcpdump, out / f"{run.name}-hops.pcap.txt").start()
+        time.sleep(0.3)
+        r = gen.wrk_get(run.target, workloads.SMALL, 1, seconds)
+        lines = capture.stop()
+        client_port = int(run.target.url.rsplit(":", 1)[1].split("/")[0])
+        timed = hops.parse(lines, client_port, backend_port)
+        text = hops.summarise(timed)
+        (out / f"{run.name}-hops.txt").write_text(f"{r.rps:,.0f} req/s at 1 connection while captured\n{text}\n")
+        (out / f"{run.name}-hops.json").write_text(json.dumps(hops.medians(timed), indent=1) + "\n")
+        progress(f"{run.name}: hops at 1 connection (us, medians): "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in hops.medians(timed).items()))
+
+    return run_timed
 
 
 def _profiler(py_spy: str, gen: Generators, s: workloads.Settings, out: Path, progress, connections: int,

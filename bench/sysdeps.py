@@ -28,6 +28,7 @@ TOOLS = {
     "curl": Tool("curl", "curl", ("/usr/bin/curl",)),
     "gcc": Tool("gcc", "gcc", ("/usr/bin/gcc",)),
     "taskset": Tool("taskset", "util-linux", ("/usr/bin/taskset",)),
+    "tcpdump": Tool("tcpdump", "tcpdump", ("/usr/bin/tcpdump", "/usr/sbin/tcpdump")),
 }
 
 
