@@ -212,7 +212,7 @@ class WholeResponse:
             written, self.written = self.written, None
             if written is not None:
                 written()
-        await request._payload_writer.drain()  # the client's backpressure, as aiohttp's writer
+        await request.writer.drain()  # the client's backpressure, as aiohttp's writer
 
     async def write_eof(self) -> None:
         self.body = None
