@@ -518,7 +518,10 @@ class TunnelProtocol:
         if kind is _Kind.OLD:
             return
         stream = self._streams.pop(frame.stream_id)
-        self._return_outstanding(stream)
+        if stream.remote_open:
+            self._return_outstanding(stream)
+        # else: a RESET after the peer's END_STREAM (e.g. NO_ERROR: "the rest of your body
+        # is not wanted") leaves the complete body it sent with the application.
         events.append(StreamReset(frame.stream_id, code, reason))
 
     def _count_ping(self) -> None:
@@ -761,7 +764,9 @@ class TunnelProtocol:
     def reset_stream(self, stream_id: int, code: ErrorCode, reason: str = "") -> None:
         """Queue RESET and forget the stream; a no-op if it is already closed.
 
-        Its received but unacknowledged bytes are credited back to the tunnel.
+        Its received but unacknowledged bytes are credited back to the tunnel, unless the
+        peer had ended its side (END_STREAM): a complete body stays the application's,
+        to acknowledge as it reads it or drops it.
         """
         if self._closed:
             return
@@ -771,7 +776,7 @@ class TunnelProtocol:
         self._queue(FrameType.RESET, 0, stream_id, encode_reset(code, reason))
         if stream.remote_open:
             self._remember_reset(stream_id)
-        self._return_outstanding(stream)
+            self._return_outstanding(stream)
 
     def ping(self) -> None:
         """Queue a PING; its PONG yields PongReceived(rtt).

@@ -13,8 +13,9 @@ as long as the websocket takes it at once; what it does not take, and everything
 goes to the writer task, which waits for the websocket as before. Writers of streams
 queue frames and go on; they wait for the writer only once ``FLUSH_AHEAD`` bytes are
 queued and not yet sent, which carries the websocket's backpressure to them
-(``open_stream(wait_sent=True)`` waits until the head has left). One task sends pings and enforces the ping timeout; each incoming request
-(connector side) runs ``on_request(stream)`` in a tracked task.
+(``open_stream(wait_sent=True)`` waits until the head has left). One task sends pings
+and enforces the ping timeout; each incoming request (connector side) runs
+``on_request(stream)`` in a tracked task.
 
 Logging: DEBUG per stream, INFO when a tunnel opens or closes, WARNING when the peer
 broke the protocol, ERROR (with traceback) when our own code failed.
@@ -222,7 +223,13 @@ class TunnelStream:
         """Abandon the stream: RESET if it is still open; buffered data is dropped either way."""
         protocol = self._session.protocol
         if protocol.stream_is_open(self.stream_id):
-            protocol.reset_stream(self.stream_id, code, reason)  # credits the buffered bytes back
+            # The protocol credits the buffered bytes back, except those of a body the
+            # peer had ended: those are acknowledged here.
+            protocol.reset_stream(self.stream_id, code, reason)
+            if self._eof and self._chunks:
+                buffered = sum(len(chunk) for chunk in self._chunks)
+                self._chunks.clear()
+                self._session._acknowledge(self.stream_id, buffered)
             self._chunks.clear()
             self._fail(StreamResetError(code, reason or "reset locally"), code)
         elif self._chunks:
@@ -283,6 +290,21 @@ class TunnelStream:
             self._read_error = error
         self._wake()
 
+    def _peer_reset(self, error: StreamResetError, code: ErrorCode) -> None:
+        """The peer reset the stream. After its END_STREAM (a complete response, and a
+        RESET that says the rest of our body is not wanted) what it sent stays readable
+        and only our side fails; before it, what was buffered is gone (the protocol
+        credited it back) and both sides fail."""
+        if not self._eof:
+            self._chunks.clear()
+            self._fail(error, code)
+            return
+        if self._reset_code is None:
+            self._reset_code = code
+        if self._write_error is None:
+            self._write_error = error
+        self._wake_writer()
+
     def _tunnel_closed(self, error: TunnelClosedError) -> None:
         # A body that already ended stays readable; anything unfinished fails.
         if self._write_error is None:
@@ -338,6 +360,7 @@ class TunnelSession:
         self._send_handle: asyncio.Handle | None = None
         self._writer_busy = False
         self._backlog: list[bytes] = []
+        self._forget_later: list[TunnelStream] | None = None
         self._hello_event = asyncio.Event()
         self._handshake_event = asyncio.Event()
         self._closed_event = asyncio.Event()
@@ -635,6 +658,10 @@ class TunnelSession:
             self.logger.warning("%s: the peer broke the tunnel protocol, closing: %s", self.name, exc)
             self._kick()
             return False
+        # Streams are forgotten only once the whole message was handled: a RESET later in
+        # the same message must still find its stream (the protocol, which parsed all of
+        # it first, has forgotten it already).
+        self._forget_later = []
         try:
             for event in events:
                 self._handle_event(event)
@@ -643,6 +670,10 @@ class TunnelSession:
             self._ws_close_code = _WS_INTERNAL_ERROR
             self._set_reason("internal error")
             self.protocol.close(ErrorCode.INTERNAL_ERROR, "internal error")
+        finally:
+            forget, self._forget_later = self._forget_later, None
+            for stream in forget:
+                self._forget(stream)
         # Wake the writer only when it has something to do: frames queued in answer
         # (PONG, WINDOW_UPDATE, RESET, CLOSE) or a tunnel that ended. Most messages
         # (a response, a request) queue nothing, and a turn of the writer for nothing
@@ -687,8 +718,7 @@ class TunnelSession:
             stream = self._streams.pop(event.stream_id, None)
             self.logger.debug("%s: stream %d reset by the peer: %s", self.name, event.stream_id, event.code.name)
             if stream is not None:
-                stream._chunks.clear()  # the protocol credited them back
-                stream._fail(StreamResetError(event.code, event.reason), event.code)
+                stream._peer_reset(StreamResetError(event.code, event.reason), event.code)
         elif isinstance(event, PongReceived):
             self.rtt = event.rtt
         elif isinstance(event, HelloReceived):
@@ -783,6 +813,9 @@ class TunnelSession:
                 self._kick()
 
     def _forget(self, stream: TunnelStream) -> None:
+        if self._forget_later is not None:  # handling a message's events (_receive_message)
+            self._forget_later.append(stream)
+            return
         if not self.protocol.stream_is_open(stream.stream_id):
             if self._streams.get(stream.stream_id) is stream:
                 del self._streams[stream.stream_id]

@@ -472,6 +472,34 @@ def test_reset_returns_unconsumed_data_to_tunnel() -> None:
     assert connector.available_window(sid2) == 1000
 
 
+@pytest.mark.parametrize("who", ["peer", "local"])
+def test_a_reset_after_the_peers_end_stream_leaves_the_complete_body_to_the_application(who: str) -> None:
+    """A RESET after the peer's END_STREAM (a complete response, the rest of the request
+    body unwanted) does not credit the body back: the application still holds it and
+    acknowledges it as it reads (crediting it twice broke the tunnel's accounting)."""
+    limits = Limits(stream_window=4000, tunnel_window=8000)
+    gateway, connector = handshake(gateway_limits=limits)
+    sid = gateway.open_stream("POST", "/", [])  # the request body is still to come
+    pump(gateway, connector)
+    connector.send_response(sid, 200, "OK", [])
+    connector.send_data(sid, b"x" * 3000, end_stream=True)
+    if who == "peer":
+        connector.reset_stream(sid, ErrorCode.NO_ERROR)
+        events = transfer(connector, gateway)  # all in one message
+        assert [type(e).__name__ for e in events] == ["ResponseReceived", "DataReceived", "StreamReset"]
+    else:
+        transfer(connector, gateway)
+        gateway.reset_stream(sid, ErrorCode.CANCEL)
+    assert not gateway.stream_is_open(sid)
+    assert gateway._tunnel_outstanding == 3000
+    gateway.acknowledge_received_data(sid, 3000)  # read by the application
+    assert gateway._tunnel_outstanding == 0
+    with pytest.raises(LocalProtocolError):
+        gateway.acknowledge_received_data(sid, 1)
+    pump(gateway, connector)
+    assert connector._tunnel_send_window == 8000  # every byte credited back, once
+
+
 def test_window_update_and_reset_for_finished_stream_are_ignored() -> None:
     gateway, connector = handshake()
     sid = gateway.open_stream("GET", "/", [], end_stream=True)

@@ -21,6 +21,7 @@ from tunnel import (
     FrameType,
     Limits,
     Role,
+    StreamClosedError,
     StreamResetError,
     TunnelClosedError,
     TunnelProtocol,
@@ -593,3 +594,66 @@ async def test_response_timeout_leaves_the_stream_open() -> None:
         assert not stream.done
         release.set()
         assert (await asyncio.wait_for(stream.response(), 5)).status == 200
+
+
+async def _raw_connector(gateway: TunnelSession, connector_ws: MemoryWebSocket) -> TunnelProtocol:
+    raw = TunnelProtocol(Role.CONNECTOR)
+    raw.send_hello("ABC", "cp1", ROLES)
+    for chunk in raw.data_to_send():
+        await connector_ws.send(chunk)
+    await gateway.wait_hello()
+    gateway.send_welcome("instance-0")
+    while not raw.handshake_done:
+        raw.receive_data(await connector_ws.recv())
+    return raw
+
+
+@pytest.mark.parametrize("same_message", [True, False], ids=["reset-in-the-same-message", "reset-after"])
+async def test_a_complete_response_stays_readable_when_the_peer_then_resets_the_request(same_message: bool) -> None:
+    """A connection point that answered in full before the request body arrived ends the
+    stream with RESET(NO_ERROR) after END_STREAM (the request body is not wanted). The
+    response is complete: the gateway reads all of it, its writes stop, and the tunnel's
+    credit stays exact (no byte credited twice: that broke later streams' accounting)."""
+    gateway_ws, connector_ws = memory_pair()
+    gateway = TunnelSession(TunnelProtocol(Role.GATEWAY), gateway_ws, name="gw")
+    run = asyncio.create_task(gateway.run())
+    try:
+        raw = await _raw_connector(gateway, connector_ws)
+        stream = await gateway.open_stream("POST", "/upload", [], wait_sent=True)
+        await stream.write(b"part of the body")
+        while not raw._streams:
+            raw.receive_data(await connector_ws.recv())
+        body = os.urandom(5000)
+        raw.send_response(stream.stream_id, 200, "OK", [(b"Content-Length", b"5000")])
+        raw.send_data(stream.stream_id, body, end_stream=True)
+        if same_message:
+            raw.reset_stream(stream.stream_id, ErrorCode.NO_ERROR)
+            await connector_ws.send(b"".join(raw.data_to_send()))
+        else:
+            await connector_ws.send(b"".join(raw.data_to_send()))
+            await asyncio.wait_for(stream.response(), 5)
+            raw.reset_stream(stream.stream_id, ErrorCode.NO_ERROR)
+            await connector_ws.send(b"".join(raw.data_to_send()))
+        assert (await asyncio.wait_for(stream.response(), 5)).status == 200
+        for _ in range(100):  # the RESET has been handled once writes fail
+            if gateway.protocol.stream_is_open(stream.stream_id) is False and stream._write_error is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert stream.buffered_body() == body
+        assert await stream.read() == b""
+        with pytest.raises((StreamResetError, StreamClosedError)):
+            await stream.write(b"more of the body")
+        assert gateway.protocol._tunnel_outstanding == 0
+        # the next stream's bytes are acknowledged without error
+        second = await gateway.open_stream("GET", "/next", [], end_stream=True)
+        while second.stream_id not in raw._streams:
+            raw.receive_data(await connector_ws.recv())
+        raw.send_response(second.stream_id, 200, "OK", [])
+        raw.send_data(second.stream_id, b"y" * 3000, end_stream=True)
+        await connector_ws.send(b"".join(raw.data_to_send()))
+        await asyncio.wait_for(second.response(), 5)
+        assert await asyncio.wait_for(read_all(second), 5) == b"y" * 3000
+        assert gateway.protocol._tunnel_outstanding == 0
+    finally:
+        await gateway.close()
+        await asyncio.wait_for(run, 10)
