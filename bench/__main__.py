@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import hops
 from . import profile as profiling
@@ -210,13 +211,15 @@ def _hop_timer(tcpdump: str, gen: Generators, s: workloads.Settings, out: Path, 
         time.sleep(0.3)
         r = gen.wrk_get(run.target, workloads.SMALL, 1, seconds)
         lines = capture.stop()
-        client_port = int(run.target.url.rsplit(":", 1)[1].split("/")[0])
+        client_port = urlsplit(run.target.url).port
+        assert client_port is not None
         timed = hops.parse(lines, client_port, backend_port)
-        text = hops.summarise(timed)
-        (out / f"{run.name}-hops.txt").write_text(f"{r.rps:,.0f} req/s at 1 connection while captured\n{text}\n")
-        (out / f"{run.name}-hops.json").write_text(json.dumps(hops.medians(timed), indent=1) + "\n")
+        medians = hops.medians(timed)
+        (out / f"{run.name}-hops.txt").write_text(f"{r.rps:,.0f} req/s at 1 connection while captured\n"
+                                                  f"{hops.summarise(timed)}\n")
+        (out / f"{run.name}-hops.json").write_text(json.dumps(medians, indent=1) + "\n")
         progress(f"{run.name}: hops at 1 connection (us, medians): "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in hops.medians(timed).items()))
+                 + ", ".join(f"{k} {v:.0f}" for k, v in medians.items()))
 
     return run_timed
 

@@ -74,7 +74,7 @@ class _HeaderNames:
 
 
 # Response header names relayed when the response is streamed, and when it arrived whole
-# (aiohttp then sets Content-Length itself, from the body it is given).
+# (WholeResponse writes Content-Length from the body; only whether a name is relayed counts).
 _STREAMED_NAMES = _HeaderNames(HOP_BY_HOP)
 _WHOLE_NAMES = _HeaderNames(HOP_BY_HOP | {b"content-length"})
 # Request header names: whether they cross the tunnel (never hop-by-hop ones, nor the

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol as TypingProtocol
 
 from .codes import ErrorCode
@@ -222,20 +222,16 @@ class TunnelStream:
     def reset(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
         """Abandon the stream: RESET if it is still open; buffered data is dropped either way."""
         protocol = self._session.protocol
+        credited = False
         if protocol.stream_is_open(self.stream_id):
-            # The protocol credits the buffered bytes back, except those of a body the
-            # peer had ended: those are acknowledged here.
+            # The protocol credits the buffered bytes back, unless the peer had ended its body.
             protocol.reset_stream(self.stream_id, code, reason)
-            if self._eof and self._chunks:
-                buffered = sum(len(chunk) for chunk in self._chunks)
-                self._chunks.clear()
-                self._session._acknowledge(self.stream_id, buffered)
-            self._chunks.clear()
+            credited = not self._eof
             self._fail(StreamResetError(code, reason or "reset locally"), code)
-        elif self._chunks:
-            buffered = sum(len(chunk) for chunk in self._chunks)
+        if self._chunks:
+            if not credited:
+                self._session._acknowledge(self.stream_id, sum(len(chunk) for chunk in self._chunks))
             self._chunks.clear()
-            self._session._acknowledge(self.stream_id, buffered)
         self._session._forget(self)
         self._session._kick()
 
@@ -504,19 +500,19 @@ class TunnelSession:
         """At the end of a turn that queued frames: send them from here, coalesced, while
         the websocket takes them at once (no task switch, no coroutine per message).
         The writer task takes over, in order, whenever it would have to wait: it is busy
-        or has a backlog, the websocket is paused (the rest becomes its backlog), or the
-        tunnel is closing."""
+        (sending, or handed a backlog), the websocket is paused (the rest becomes its
+        backlog), or the tunnel is closing."""
         if self._send_handle is not None:
             self._send_handle.cancel()  # when called before the end of the turn (_flush)
             self._send_handle = None
-        if self._writer_busy or self._backlog or self._writer_done or self.protocol.closed:
+        if self._writer_busy or self._writer_done or self.protocol.closed:
             self._wakeup.set()
             return
         send_now = self._send_now
         assert send_now is not None
         generation = self._queued_gen
         frames = self.protocol.data_to_send()
-        messages = frames if len(frames) <= 1 else list(_coalesce(frames))
+        messages = _coalesce(frames)
         for i, message in enumerate(messages):
             try:
                 sent = send_now(message)
@@ -526,6 +522,7 @@ class TunnelSession:
                 return
             if not sent:
                 self._backlog = messages[i:]
+                self._writer_busy = True  # until the writer task has sent the backlog
                 self._wakeup.set()
                 return
         self._sent_gen = generation
@@ -578,9 +575,6 @@ class TunnelSession:
             progress.set()
 
     async def _send_all(self, frames: list[bytes]) -> None:
-        if len(frames) == 1:  # a turn with one frame (a request head at low load): one message
-            await self.websocket.send(frames[0])
-            return
         for message in _coalesce(frames):
             await self.websocket.send(message)
 
@@ -917,15 +911,20 @@ class TunnelSession:
             self.logger.info("%s: tunnel closed: %s", self.name, self.close_reason)
 
 
-def _coalesce(frames: Iterable[bytes]) -> Iterable[bytes]:
-    """Join consecutive small frames into messages of about MESSAGE_SIZE bytes."""
+def _coalesce(frames: list[bytes]) -> list[bytes]:
+    """Join consecutive small frames into messages of about MESSAGE_SIZE bytes; a turn
+    with one frame (a request head at low load) is that frame, not copied."""
+    if len(frames) <= 1:
+        return frames
+    messages: list[bytes] = []
     batch: list[bytes] = []
     size = 0
     for frame in frames:
         if batch and size + len(frame) > MESSAGE_SIZE:
-            yield b"".join(batch)
+            messages.append(b"".join(batch))
             batch, size = [], 0
         batch.append(frame)
         size += len(frame)
     if batch:
-        yield b"".join(batch)
+        messages.append(b"".join(batch))
+    return messages

@@ -157,6 +157,43 @@ async def test_a_websocket_that_takes_little_ahead_keeps_every_byte_in_order(web
             assert calls["declined"] > 0 and calls["sent later"] > 0
 
 
+async def test_nothing_overtakes_a_message_send_now_declined(websocket_kind: str) -> None:
+    """Once send_now declined a message, it and what follows belong to the writer task:
+    frames queued before the writer ran go after it, never through send_now ahead of it."""
+    if websocket_kind != "send-now":
+        pytest.skip("only the send_now path hands a backlog to the writer")
+    async with session_pair() as pair:
+        gateway = pair.gateway
+        order: list[str] = []
+        ws = gateway.websocket
+        assert isinstance(ws, DirectMemoryWebSocket)
+        send = ws.send
+        declined = [False]
+
+        def send_now(message: bytes) -> bool:
+            if not declined[0]:
+                declined[0] = True
+                return False  # the transport paused
+            order.append("send_now")
+            return ws.send_now(message)
+
+        async def writer_send(message: bytes) -> None:
+            order.append("writer")
+            await send(message)
+
+        gateway._send_now = send_now
+        ws.send = writer_send  # type: ignore[method-assign]
+        gateway.protocol.ping()
+        gateway._send_queued()  # declined: the ping is the writer's backlog
+        gateway.protocol.ping()
+        gateway._send_queued()  # before the writer task ran: must not go ahead of it
+        for _ in range(100):
+            if len(order) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert order[:2] == ["writer", "writer"]
+
+
 async def test_an_ended_stream_alone_in_flight_is_sent_before_the_handler_goes_on(websocket_kind: str) -> None:
     """Over send_now, a response that ends a stream with no other stream in flight is
     handed to the websocket before send_response() returns (the handler's bookkeeping
