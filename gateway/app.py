@@ -7,13 +7,11 @@ import logging
 import socket
 import time
 
-from aiohttp import web
-
 from cmg.cmtrace import open_log
 from cmg.config import GatewayConfig
 
 from .client_auth import ClientCertificateVerifier
-from .http_server import GatewayServer
+from .http1 import GatewayServer
 from .metrics import GatewayMetrics
 from .monitoring import MonitoringServer
 from .proxy import ClientRequestHandler
@@ -57,7 +55,7 @@ class GatewayInstance:
         self.known_connection_points: set[str] = set()
         self.monitoring: MonitoringServer | None = None
         self._server: TLSListener | None = None
-        self._web: web.Server | None = None
+        self._web: GatewayServer | None = None
         self._summary_task: asyncio.Task[None] | None = None
         self.summary = TrafficSummary(self.log, self.metrics)
         self.tunnels: TunnelEndpoint | None = None
@@ -96,9 +94,7 @@ class GatewayInstance:
         # handler_cancellation: a client that goes away cancels its request, so its
         # stream is reset towards the connection point at once (a held BGB poll too).
         self._web = GatewayServer(self.handler, header_timeout=cfg.client_header_timeout, log=self.log,
-                                  handler_cancellation=True,
-                                  auto_decompress=False, access_log=None, keepalive_timeout=120,
-                               max_field_size=16384, max_line_size=16384)
+                                  keepalive_timeout=120, max_field_size=16384)
         sock = client_socket(cfg.bind, cfg.client_port, reuse_port=True)
         settings = TLSServerSettings(ctx, self._web, send_timeout=cfg.client_send_timeout, log=self.log,
                                      on_lost=self._connection_lost)

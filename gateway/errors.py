@@ -9,8 +9,12 @@ docs/errors.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from aiohttp import web
+if TYPE_CHECKING:
+    from .http1 import WholeResponse
+
+_TEXT = [(b"Content-Type", b"text/plain; charset=utf-8")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,9 +22,10 @@ class CMGError:
     status: int
     name: str
 
-    def response(self) -> web.Response:
-        return web.Response(status=self.status, reason=self.name, text=self.name,
-                            content_type="text/plain")
+    def response(self) -> WholeResponse:
+        from .http1 import WholeResponse  # http1 answers with these errors too
+
+        return WholeResponse(self.status, self.name, list(_TEXT), self.name.encode())
 
 
 CLIENT_CERTIFICATE_REQUIRED = CMGError(403, "CMGConnector_Clientcertificaterequired")

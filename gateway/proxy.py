@@ -16,10 +16,6 @@ import time
 import os
 from xml.sax.saxutils import escape
 
-from aiohttp import web
-from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
-
 from cmg.config import GatewayConfig
 from cmg.tokens import TokenError
 from tunnel import (
@@ -32,6 +28,7 @@ from tunnel import (
 )
 
 from . import errors
+from .http1 import ClientRequest, Response, StreamedResponse, WholeResponse
 from .client_auth import ClientCertificateCheck, ClientCertificateVerifier, ClientIdentity, Verdict
 from cmg.paths import Channel, ClientPath, parse_client_path
 from .routing import ConnectorLink, Routes
@@ -58,19 +55,19 @@ NAME_CACHE_SIZE = 1024
 
 
 class _HeaderNames:
-    """A header name as a peer spelled it -> the str aiohttp takes, or "" when it is not
-    relayed; memoised, since the same few names come with every request."""
+    """Whether a header name, as a peer spelled it, is relayed; memoised, since the same
+    few names come with every request."""
 
     def __init__(self, dropped: frozenset[bytes]) -> None:
         self._dropped = dropped
-        self._names: dict[bytes, str] = {}
+        self._names: dict[bytes, bool] = {}
         self.get = self._names.get
 
-    def add(self, name: bytes) -> str:
-        text = "" if name.lower() in self._dropped else name.decode("latin-1")
+    def add(self, name: bytes) -> bool:
+        relayed = name.lower() not in self._dropped
         if len(self._names) < NAME_CACHE_SIZE:
-            self._names[name] = text
-        return text
+            self._names[name] = relayed
+        return relayed
 
 
 # Response header names relayed when the response is streamed, and when it arrived whole
@@ -145,87 +142,6 @@ def _error_for(code: ErrorCode) -> errors.CMGError:
     return errors.GATEWAY_TIMEOUT if code is ErrorCode.TIMEOUT else errors.BAD_GATEWAY
 
 
-class WholeResponse:
-    """A response that arrived whole (head, body and end in hand), written as one head and
-    its body in a single write, without aiohttp's response machinery.
-
-    aiohttp's low-level server takes any object with ``prepare(request)``,
-    ``write_eof()`` and ``keep_alive``; a ``web.Response`` built, prepared and written
-    was about a sixth of the gateway's work per small request. The head is what aiohttp
-    writes for a ``web.Response`` with these headers and body: the status line in the
-    request's HTTP version, the relayed headers as the site role sent them (bytes),
-    ``Content-Length``, ``Content-Type`` (``application/octet-stream`` when the role gave
-    none and there is a body), ``Date`` and ``Server`` unless relayed, and ``Connection``
-    when the connection's fate differs from the version's default. Never used for HEAD,
-    204 or 304 (no body), which go through ``web.StreamResponse``.
-
-    It lets go of its body once written: aiohttp's connection loop keeps the last
-    response of a keep-alive connection referenced while it waits for the next request.
-    """
-
-    __slots__ = ("status", "reason", "headers", "body", "keep_alive", "written", "__weakref__")
-
-    def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                 written: Callable[[], None] | None = None) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers  # relayed ones: no hop-by-hop header, no Content-Length
-        self.body: bytes | None = body
-        self.keep_alive: bool | None = None  # set by prepare()
-        self.written = written  # called once the answer was handed to the client (or failed to be)
-
-    async def prepare(self, request: web.BaseRequest) -> None:
-        body = self.body
-        assert body is not None
-        version = request.version
-        keep_alive = self.keep_alive = request.keep_alive
-        head = [b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, self.status,
-                                            self.reason.encode("utf-8", "surrogateescape"))]
-        given = 0
-        for k, v in self.headers:
-            head += (k, b": ", v, b"\r\n")
-            given |= _WHOLE_DEFAULTED.get(k.lower(), 0)
-        head.append(b"Content-Length: %d\r\n" % len(body))
-        if not given & _HAS_CONTENT_TYPE and body:
-            head.append(b"Content-Type: application/octet-stream\r\n")
-        if not given & _HAS_DATE:
-            head += (b"Date: ", rfc822_formatted_time().encode("ascii"), b"\r\n")
-        if not given & _HAS_SERVER:
-            head.append(_SERVER_LINE)
-        if keep_alive:
-            if version == HttpVersion10:
-                head.append(b"Connection: keep-alive\r\n")
-        elif version == HttpVersion11:
-            head.append(b"Connection: close\r\n")
-        head.append(b"\r\n")
-        try:
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("Cannot write to closing transport")
-            if len(body) <= _JOIN_BODY_UP_TO:
-                head.append(body)
-                transport.write(b"".join(head))
-            else:
-                transport.write(b"".join(head))
-                transport.write(body)
-        finally:
-            written, self.written = self.written, None
-            if written is not None:
-                written()
-        await request.writer.drain()  # the client's backpressure, as aiohttp's writer
-
-    async def write_eof(self) -> None:
-        self.body = None
-
-
-# Which of the headers WholeResponse defaults were relayed (by lower-cased name).
-_HAS_CONTENT_TYPE, _HAS_DATE, _HAS_SERVER = 1, 2, 4
-_WHOLE_DEFAULTED = {b"content-type": _HAS_CONTENT_TYPE, b"date": _HAS_DATE, b"server": _HAS_SERVER}
-_SERVER_LINE = b"Server: " + SERVER_SOFTWARE.encode("latin-1") + b"\r\n"
-# Bodies up to this size go out in the head's write (one copy, one TLS write).
-_JOIN_BODY_UP_TO = 65536
-
-
 class ClientRequestHandler:
     """aiohttp's low-level server calls this once per client request."""
 
@@ -244,7 +160,7 @@ class ClientRequestHandler:
         self._requests: dict[asyncio.Task[object] | None, tuple[str, str, float]] = {}
         self._instance_name = f"ProxyService_IN_{config.instance}"
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: ClientRequest) -> Response:
         self.in_flight += 1
         self.idle.clear()
         start = time.monotonic()
@@ -264,7 +180,7 @@ class ClientRequestHandler:
         return [f"{method} {path[:200]} for {now - start:.1f} s, waiting in {_await_chain(task)}"
                 for task, (method, path, start) in list(self._requests.items())]
 
-    async def _handle(self, request: web.BaseRequest, start: float) -> web.StreamResponse:
+    async def _handle(self, request: ClientRequest, start: float) -> Response:
         raw_path = request.raw_path
         cp = parse_client_path(raw_path)
         if cp is None:
@@ -275,11 +191,11 @@ class ClientRequestHandler:
             return self._service_endpoint(request, cp)
         if cp.channel is Channel.MUTUAL_AUTH:
             outcome = self._authenticate_certificate(request)
-            if isinstance(outcome, web.Response):
+            if isinstance(outcome, WholeResponse):
                 return outcome
             identity = outcome
         else:
-            authorization = request.headers.get("Authorization", "")
+            authorization = request.header("Authorization") or ""
             if not authorization:
                 return self._refuse(request, errors.UNAUTHORIZED, "no Authorization header on a ServerAuth path")
             try:
@@ -305,7 +221,7 @@ class ClientRequestHandler:
 
     # --- authentication ---
 
-    def _authenticate_certificate(self, request: web.BaseRequest) -> ClientIdentity | web.Response:
+    def _authenticate_certificate(self, request: ClientRequest) -> ClientIdentity | WholeResponse:
         """The client's validated identity, or the CMG's refusal."""
         check = self._client_check(request)
         if check.verdict is Verdict.NO_CERTIFICATE:
@@ -314,7 +230,7 @@ class ClientRequestHandler:
             return self._refuse(request, errors.FORBIDDEN, check.reason)
         return check.identity
 
-    def _client_check(self, request: web.BaseRequest) -> ClientCertificateCheck:
+    def _client_check(self, request: ClientRequest) -> ClientCertificateCheck:
         transport = request.transport
         if transport is None:
             return ClientCertificateCheck(Verdict.NO_CERTIFICATE, reason="connection closed")
@@ -329,7 +245,7 @@ class ClientRequestHandler:
 
     # --- forwarding ---
 
-    def _request_headers(self, request: web.BaseRequest, identity: ClientIdentity | None,
+    def _request_headers(self, request: ClientRequest, identity: ClientIdentity | None,
                          message_id: str) -> list[tuple[bytes, bytes]]:
         forwarded = _FORWARDED.get
         headers = []
@@ -339,12 +255,10 @@ class ClientRequestHandler:
                 forward = _forwarded(k)
             if forward:
                 headers.append((k, v))
-        connection = request.headers.get("Connection")
-        if connection:
-            # The headers it names belong to this hop too.
-            connection_tokens = {t.strip().lower().encode("latin-1") for t in connection.split(",") if t.strip()}
-            if connection_tokens:
-                headers = [(k, v) for k, v in headers if k.lower() not in connection_tokens]
+        connection_tokens = {t for t in request.connection if t}
+        if connection_tokens:
+            # The headers the Connection header names belong to this hop too.
+            headers = [(k, v) for k, v in headers if k.lower() not in connection_tokens]
         headers.append((HDR_MESSAGE_ID, message_id.encode()))
         peer = request.remote
         if peer:
@@ -360,8 +274,8 @@ class ClientRequestHandler:
                 headers.append((HDR_TOKEN_TENANT, identity.tenant.encode("utf-8", "replace")))
         return headers
 
-    async def _forward(self, request: web.BaseRequest, cp: ClientPath,
-                       identity: ClientIdentity | TokenIdentity | None, start: float) -> web.StreamResponse:
+    async def _forward(self, request: ClientRequest, cp: ClientPath,
+                       identity: ClientIdentity | TokenIdentity | None, start: float) -> Response:
         assert cp.role_id is not None
         message_id = new_message_id()
         headers = self._request_headers(request, identity, message_id)
@@ -463,22 +377,22 @@ class ClientRequestHandler:
                     continue  # the request body is still flowing: the clock starts again
                 raise
 
-    async def _relay(self, request: web.BaseRequest, cp: ClientPath, link: ConnectorLink,
+    async def _relay(self, request: ClientRequest, cp: ClientPath, link: ConnectorLink,
                      stream: TunnelStream, upload: asyncio.Future[None] | None, head: object,
-                     start: float, sent: list[int] | int) -> web.StreamResponse:
+                     start: float, sent: list[int] | int) -> Response:
         status: int = head.status  # type: ignore[attr-defined]
         if (upload is None or upload.done()) and status not in NO_BODY_STATUSES and request.method != "HEAD":
             body = stream.buffered_body()
             if body is not None:
-                # The whole response is here already (a small one, usually): one
-                # Response, written with its head in one go.
+                # The whole response is here already (a small one, usually): written
+                # with its head in one go.
                 known = _WHOLE_NAMES.get
                 headers = []
                 for k, v in head.headers:  # type: ignore[attr-defined]
-                    name = known(k)
-                    if name is None:
-                        name = _WHOLE_NAMES.add(k)
-                    if name:
+                    relayed = known(k)
+                    if relayed is None:
+                        relayed = _WHOLE_NAMES.add(k)
+                    if relayed:
                         headers.append((k, v))
                 nsent = sent[0] if isinstance(sent, list) else sent
                 role_id = cp.role_id
@@ -489,15 +403,15 @@ class ClientRequestHandler:
                     link.account(role_id, status < 500, nsent, size)
                     self._summary.record(request.path, nsent, size, (time.monotonic() - start) * 1000)
 
-                return WholeResponse(status, head.reason, headers, body, account)  # type: ignore[attr-defined, return-value]
-        resp = web.StreamResponse(status=status, reason=head.reason)  # type: ignore[attr-defined]
-        add = resp.headers.add
+                return WholeResponse(status, head.reason, headers, body, account)  # type: ignore[attr-defined]
+        streamed = []
         for k, v in head.headers:  # type: ignore[attr-defined]
-            name = _STREAMED_NAMES.get(k)
-            if name is None:
-                name = _STREAMED_NAMES.add(k)
-            if name:
-                add(name, v.decode("latin-1"))
+            relayed = _STREAMED_NAMES.get(k)
+            if relayed is None:
+                relayed = _STREAMED_NAMES.add(k)
+            if relayed:
+                streamed.append((k, v))
+        resp = StreamedResponse(status, head.reason, streamed)  # type: ignore[attr-defined]
         received = 0
         complete = ended = False
         try:
@@ -545,7 +459,7 @@ class ClientRequestHandler:
         self._summary.record(request.path, nsent, received, (time.monotonic() - start) * 1000)
         return resp
 
-    async def _pump_request(self, request: web.BaseRequest, stream: TunnelStream, sent: list[int]) -> None:
+    async def _pump_request(self, request: ClientRequest, stream: TunnelStream, sent: list[int]) -> None:
         loop = asyncio.get_running_loop()
         timeout = self._config.client_body_timeout
         stalled = [False]
@@ -582,26 +496,26 @@ class ClientRequestHandler:
 
     # --- answers of the gateway's own ---
 
-    def _refuse(self, request: web.BaseRequest, error: errors.CMGError, why: str) -> web.Response:
+    def _refuse(self, request: ClientRequest, error: errors.CMGError, why: str) -> WholeResponse:
         self._log.warning("%s %s refused with %d %s: %s (client %s)", request.method,
                           request.raw_path[:300], error.status, error.name, why, request.remote)
         self._summary.refused(error.name)
         return error.response()
 
-    def _failed(self, request: web.BaseRequest, cp: ClientPath, start: float, error: errors.CMGError,
-                why: str, link: ConnectorLink | None = None, sent: int = 0) -> web.Response:
+    def _failed(self, request: ClientRequest, cp: ClientPath, start: float, error: errors.CMGError,
+                why: str, link: ConnectorLink | None = None, sent: int = 0) -> WholeResponse:
         if link is not None and cp.role_id is not None:
             link.account(cp.role_id, False, sent, 0)
         self._summary.record(request.path, sent, None, (time.monotonic() - start) * 1000)
         return self._refuse(request, error, why)
 
     @staticmethod
-    def _abort(request: web.BaseRequest) -> None:
+    def _abort(request: ClientRequest) -> None:
         transport = request.transport
         if transport is not None:
             transport.abort()
 
-    def _service_endpoint(self, request: web.BaseRequest, cp: ClientPath) -> web.Response:
+    def _service_endpoint(self, request: ClientRequest, cp: ClientPath) -> WholeResponse:
         """The CMG's own endpoints, without a role id."""
         name = cp.resource.lower()
         if request.method not in ("GET", "HEAD"):
@@ -609,7 +523,7 @@ class ClientRequestHandler:
         if name == "servicemetadata":
             if cp.channel is Channel.MUTUAL_AUTH:
                 outcome = self._authenticate_certificate(request)
-                if isinstance(outcome, web.Response):
+                if isinstance(outcome, WholeResponse):
                     return outcome
             return self._service_metadata(cp)
         if name == "aadauthinfo" and cp.channel is Channel.SERVER_AUTH:
@@ -618,11 +532,10 @@ class ClientRequestHandler:
             if info is None:
                 return self._refuse(request, errors.ENDPOINT_NOT_FOUND, f"tenant {tenant[:64]!r} is not onboarded")
             body = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in info.items())
-            return web.Response(text=f'<?xml version="1.0" encoding="utf-8"?><AADAuthInfo>{body}</AADAuthInfo>',
-                                content_type="text/xml")
+            return _xml(f'<?xml version="1.0" encoding="utf-8"?><AADAuthInfo>{body}</AADAuthInfo>')
         return self._refuse(request, errors.ENDPOINT_NOT_FOUND, f"no role id in {request.raw_path[:200]}")
 
-    def _service_metadata(self, cp: ClientPath) -> web.Response:
+    def _service_metadata(self, cp: ClientPath) -> WholeResponse:
         roles = "".join(
             f'<Role RoleID="{r.role_id}" Kind="{escape(r.kind)}" Name="{escape(r.name)}"/>'
             for r in self._routes.published_roles()
@@ -635,4 +548,8 @@ class ClientRequestHandler:
             f"<Instance>{self._instance_name}</Instance>"
             f"<Roles>{roles}</Roles></ServiceMetadata>"
         )
-        return web.Response(text=body, content_type="text/xml")
+        return _xml(body)
+
+
+def _xml(text: str) -> WholeResponse:
+    return WholeResponse(200, "OK", [(b"Content-Type", b"text/xml; charset=utf-8")], text.encode())

@@ -5,11 +5,7 @@ import gc
 import logging
 import weakref
 
-import pytest
-from aiohttp import web
-
-from gateway.http_server import RELEASES_LAST_REQUEST, GatewayServer
-from gateway.proxy import WholeResponse
+from gateway.http1 import ClientRequest, GatewayServer, WholeResponse
 
 
 class _Body(bytearray):
@@ -24,22 +20,19 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return await reader.readexactly(length)
 
 
-@pytest.mark.skipif(not RELEASES_LAST_REQUEST, reason="aiohttp's connection loop is not the one "
-                    "GatewayRequestHandler.start was copied from: the installed aiohttp keeps its own")
 async def test_an_idle_keep_alive_connection_keeps_nothing_of_its_last_request() -> None:
     seen: list[weakref.ref[object]] = []
     bodies: list[weakref.ref[object]] = []
 
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+    async def handler(request: ClientRequest) -> WholeResponse:
         seen.append(weakref.ref(request))
         body = _Body(b"x" * 4096)
         bodies.append(weakref.ref(body))
-        resp = WholeResponse(200, "OK", [(b"X-Answer", request.path.encode())], body)
+        resp = WholeResponse(200, "OK", [(b"X-Answer", request.path.encode())], body)  # type: ignore[arg-type]
         seen.append(weakref.ref(resp))
         return resp
 
-    server = GatewayServer(handler, header_timeout=15.0, log=logging.getLogger("test.gateway"),
-                           access_log=None)
+    server = GatewayServer(handler, header_timeout=15.0, log=logging.getLogger("test.gateway"))
     listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
