@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tunnel import compiled
+
 from . import hops
 from . import profile as profiling
 from . import report, scenarios, sysdeps, workloads
@@ -21,6 +23,14 @@ from .load import GeneratorError, Generators, build_shim
 from .servers import Backend, ServerError
 
 MiB = 1024 * 1024
+
+
+def tunnel_core() -> str:
+    """How the measured processes run the tunnel core: compiled (built now if need be) or not."""
+    if os.environ.get(compiled.PURE_ENV, "") not in ("", "0"):
+        return f"pure Python ({compiled.PURE_ENV} is set)"
+    folder = compiled.build()
+    return f"compiled by mypyc ({folder})" if folder is not None else "pure Python (no mypyc build)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         progress(f"work folder {workdir}; scenarios {', '.join(names)}; workloads {', '.join(chosen)}; "
                  f"{settings.seconds:g} s x {settings.reps} per measurement")
+        progress(f"tunnel core: {tunnel_core()}")
         certs = workdir / "certs"
         scenarios.init_pki(certs)
         shim = build_shim(tools["gcc"], workdir / "wrk_clientcert.so")

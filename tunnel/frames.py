@@ -43,7 +43,7 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .codes import ErrorCode, FrameType
 from .errors import LocalProtocolError, ProtocolError
@@ -370,10 +370,10 @@ def _encode_headers(headers: Sequence[tuple[bytes, bytes]], parts: list[bytes]) 
     parts.append(pack_name(count))
     names = []
     values = []
-    for name, value in headers:
-        if type(name) is not bytes or type(value) is not bytes:
-            if not isinstance(name, bytes) or not isinstance(value, bytes):
-                raise LocalProtocolError("header names and values must be bytes")
+    # Objects here: a caller's str must be a LocalProtocolError, compiled (tunnel.compiled) or not.
+    for name, value in cast("Sequence[tuple[object, object]]", headers):
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            raise LocalProtocolError("header names and values must be bytes")
         if len(name) > 0xFFFF or len(value) > 0xFFFFFFFF:
             raise LocalProtocolError("header field too long")
         names.append(name)
