@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import queue
+import random
 import signal
 import socket
 import shutil
@@ -68,11 +69,27 @@ class Process:
         return self.proc is not None and self.proc.poll() is None
 
 
+def _below_ephemeral() -> range:
+    """Ports under the kernel's ephemeral range: a port chosen there cannot be taken by an
+    outgoing connection's local port before the component binds it (a port the kernel
+    picked with bind(0) could: 'address already in use', seen with the bench's clients)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(10000, low) if low - 10000 >= 2000 else range(0)
+
+
 def free_port(host: str = "127.0.0.1", avoid: "set[int] | None" = None) -> int:
-    """A port free now on ``host`` (and not in ``avoid``, ports already chosen)."""
-    for _ in range(100):
+    """A port free now on ``host`` (and not in ``avoid``, ports already chosen): a random
+    one under the ephemeral range where there is one, else one the kernel picks."""
+    candidates = _below_ephemeral()
+    for attempt in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
+            try:
+                s.bind((host, random.choice(candidates) if candidates and attempt < 150 else 0))
+            except OSError:
+                continue
             port = int(s.getsockname()[1])
         if not avoid or port not in avoid:
             if avoid is not None:
