@@ -10,7 +10,6 @@ or unpublished is ever written to a tunnel.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 import logging
 import time
 import os
@@ -143,7 +142,8 @@ def _error_for(code: ErrorCode) -> errors.CMGError:
 
 
 class ClientRequestHandler:
-    """aiohttp's low-level server calls this once per client request."""
+    """The gateway's HTTP/1.1 layer (gateway/http1.py) calls this once per client request, in
+    a task of its own: a client that goes away cancels it."""
 
     def __init__(self, config: GatewayConfig, routes: Routes, verifier: ClientCertificateVerifier,
                  tokens: TokenAuthenticator, summary: TrafficSummary, log: logging.Logger) -> None:

@@ -36,6 +36,9 @@ PURE_ENV = "CMG_PURE_PYTHON"
 #: Where builds go (default: ``cmg-compiled`` in the virtualenv, else the user's cache).
 DIR_ENV = "CMG_COMPILED_DIR"
 
+#: Builds kept side by side (one per version of the sources).
+KEEP_BUILDS = 4
+
 active = False  # whether this process imports the core from a build
 
 
@@ -129,12 +132,20 @@ def build() -> Path | None:
             staging.rename(folder)
         except OSError:  # another process built it meanwhile
             shutil.rmtree(staging, ignore_errors=True)
-    for old in folder.parent.iterdir():  # builds of other sources: never used again
-        if old != folder and old.is_dir() and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
+    _prune(folder)
     print(f"tunnel.compiled: compiled the tunnel core ({', '.join(MODULES)}) with mypyc in "
               f"{time.monotonic() - started:.0f} s: {folder}", file=sys.stderr)
     return folder
+
+
+def _prune(current: Path) -> None:
+    """Remove the oldest builds of other sources, keeping ``KEEP_BUILDS`` in all: a second
+    checkout or worktree on the same virtualenv has sources of its own, and its build."""
+    others = sorted((old for old in current.parent.iterdir()
+                     if old != current and old.is_dir() and not old.name.startswith(".")),
+                    key=lambda old: old.stat().st_mtime, reverse=True)
+    for old in others[KEEP_BUILDS - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(quiet: bool = False) -> None:

@@ -65,6 +65,20 @@ def test_an_incomplete_build_or_pure_python_is_not_used(tmp_path, monkeypatch) -
     assert not compiled.activate([])
 
 
+def test_only_the_newest_builds_are_kept(tmp_path) -> None:
+    folders = []
+    for i in range(6):
+        folder = tmp_path / f"key{i}"
+        folder.mkdir()
+        os.utime(folder, (1_000_000 + i, 1_000_000 + i))
+        folders.append(folder)
+    (tmp_path / ".key9-staging").mkdir()  # a build under way elsewhere is left alone
+    compiled._prune(folders[0])  # the current build is kept, whatever its age
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == [".key9-staging", "key0", "key3", "key4", "key5"]
+    assert compiled.KEEP_BUILDS == 4
+
+
 @pytest.mark.parametrize("pure", [True, False], ids=["pure", "compiled"])
 def test_the_core_tests_pass_both_ways(pure: bool) -> None:
     """The frame and protocol tests in a process of their own, as Python and as built."""
