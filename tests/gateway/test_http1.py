@@ -649,33 +649,10 @@ async def test_handler_exception_after_the_head_cuts_the_connection() -> None:
 
 # --- 10. clients that go away ---
 
-async def test_client_reset_cancels_the_handler() -> None:
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def handler(req: ClientRequest) -> WholeResponse:
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return await path_answer(req)
-
-    async with serve(handler) as s:
-        reader, writer = await s.connect()
-        writer.write(request("GET", "/wait"))
-        await asyncio.wait_for(started.wait(), WAIT)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()  # an RST
-        await asyncio.wait_for(cancelled.wait(), WAIT)
-        while s.server.connections:
-            await asyncio.sleep(0.01)
-
-
-async def test_client_hanging_up_cancels_the_handler() -> None:
-    """A client that ends its side (FIN, or close_notify over TLS) while its request is
-    held gives it up: the handler is cancelled and the connection closes (a BGB long poll
+@pytest.mark.parametrize("how", ["reset", "hang-up"])
+async def test_a_client_that_goes_away_cancels_the_handler(how: str) -> None:
+    """A reset, or the client ending its side (FIN, or close_notify over TLS) while its
+    request is held: the handler is cancelled and the connection closes (a BGB long poll
     of a client that went away must not hold its stream)."""
     started, cancelled = asyncio.Event(), asyncio.Event()
 
@@ -692,9 +669,17 @@ async def test_client_hanging_up_cancels_the_handler() -> None:
         reader, writer = await s.connect()
         writer.write(request("GET", "/held"))
         await asyncio.wait_for(started.wait(), WAIT)
-        writer.write_eof()
+        if how == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # an RST
+        else:
+            writer.write_eof()
         await asyncio.wait_for(cancelled.wait(), WAIT)
-        assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        if how == "hang-up":
+            assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        while s.server.connections:
+            await asyncio.sleep(0.01)
 
 
 async def test_client_ending_mid_body_fails_the_handlers_read() -> None:
