@@ -43,7 +43,7 @@ from urllib.parse import parse_qsl, unquote
 import httparse
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+from multidict import MultiDict, MultiDictProxy
 
 from . import errors
 
@@ -280,9 +280,6 @@ class RequestBody:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def is_eof(self) -> bool:
-        return self._eof and not self._chunks
-
     async def readany(self) -> bytes:
         """What has arrived (b"" at the end); raises when the body broke off."""
         if self._continue:
@@ -296,7 +293,8 @@ class RequestBody:
             waiter = self._waiter = self._conn._loop.create_future()
             await waiter
         chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join([chunks.popleft() for _ in range(len(chunks))])
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         self._size -= len(data)
         if self._size <= BODY_LOW_WATER:
             self._conn._resume(body=True)
@@ -305,10 +303,6 @@ class RequestBody:
 
 class _EmptyBody:
     __slots__ = ()
-    received = 0
-
-    def is_eof(self) -> bool:
-        return True
 
     async def readany(self) -> bytes:
         return b""
@@ -323,7 +317,7 @@ class ClientRequest:
     """One client request: what the handler reads of it (the names are aiohttp's)."""
 
     __slots__ = ("method", "raw_path", "version", "raw_headers", "keep_alive", "content_length",
-                 "body_exists", "content", "remote", "connection", "_conn", "_headers", "__weakref__")
+                 "body_exists", "content", "remote", "connection", "_conn", "__weakref__")
 
     def __init__(self, conn: ClientConnection, method: str, raw_path: str, version: HttpVersion,
                  raw_headers: list[tuple[bytes, bytes]], keep_alive: bool, content_length: int | None,
@@ -339,7 +333,6 @@ class ClientRequest:
         self.content = content
         self.body_exists = content is not EMPTY_BODY
         self.remote: str | None = conn.remote
-        self._headers: CIMultiDictProxy[str] | None = None
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -352,13 +345,6 @@ class ClientRequest:
             if len(k) == len(wanted) and k.lower() == wanted:
                 return v.decode("latin-1")
         return None
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        if self._headers is None:
-            self._headers = CIMultiDictProxy(CIMultiDict(
-                (k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers))
-        return self._headers
 
     @property
     def path(self) -> str:
@@ -389,21 +375,20 @@ class ClientRequest:
 class WholeResponse:
     """A response whose body is in hand: one head and its body in one write."""
 
-    __slots__ = ("status", "reason", "headers", "body", "written", "default_type", "__weakref__")
+    __slots__ = ("status", "reason", "headers", "body", "written", "__weakref__")
 
     def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                 written: Callable[[], None] | None = None, default_type: bool = True) -> None:
+                 written: Callable[[], None] | None = None) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers  # no hop-by-hop header, no Content-Length
         self.body = body
         self.written = written  # called once the answer was handed to the client (or failed to be)
-        self.default_type = default_type
 
     async def send(self, request: ClientRequest) -> None:
         body = self.body
         head = response_head(request.version, self.status, self.reason, self.headers, request.will_keep_alive(),
-                             length=len(body), default_type=self.default_type and bool(body))
+                             length=len(body), default_type=bool(body))
         request._conn._head_sent = True
         try:
             if request.method == "HEAD":  # the length a GET would get, and no body
@@ -462,7 +447,7 @@ class StreamedResponse:
         elif request.version == HttpVersion11:
             self._chunked = True
         else:
-            request._conn._close_after = True  # HTTP/1.0 without a length: the close ends the body
+            request._conn._closing = True  # HTTP/1.0 without a length: the close ends the body
         head = response_head(request.version, status, self.reason, headers, request.will_keep_alive(),
                              chunked=self._chunked, default_type=self._left != 0)
         request._conn._head_sent = True
@@ -509,7 +494,7 @@ class ClientConnection(asyncio.Protocol):
     """One client connection: requests parsed, handled one at a time, answered in order."""
 
     __slots__ = ("_server", "_loop", "transport", "remote", "_buf", "_request", "_body", "_decoder", "_task",
-                 "_closing", "_close_after", "_write_paused", "_drain_waiter", "_paused_for", "_head_since",
+                 "_closing", "_write_paused", "_drain_waiter", "_paused_for", "_head_since",
                  "_idle_since", "_timer", "_lost", "_head_sent")
 
     def __init__(self, server: GatewayServer) -> None:
@@ -523,7 +508,6 @@ class ClientConnection(asyncio.Protocol):
         self._decoder: LengthDecoder | ChunkedDecoder | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # no request after the current one
-        self._close_after = False  # set for this response (the body is not all read)
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._paused_for = 0  # 1: the body's reader is behind, 2: a pipelined request waits
@@ -776,7 +760,7 @@ class ClientConnection(asyncio.Protocol):
             self._arm(self._loop.time() + self._server.linger_timeout)
             return
         self._body = None
-        if self._closing or self._close_after or not request.keep_alive:
+        if self._closing or not request.keep_alive:
             self._close()
             return
         self._idle_since = self._loop.time()
@@ -788,10 +772,10 @@ class ClientConnection(asyncio.Protocol):
             self._resume(body=False)
 
     def _keeps_alive(self, request: ClientRequest) -> bool:
-        if not request.keep_alive or self._closing or self._close_after or self._lost:
+        if not request.keep_alive or self._closing or self._lost:
             return False
         if self._decoder is not None:  # the body is not all here: close after the answer
-            self._close_after = True
+            self._closing = True
             return False
         return True
 
