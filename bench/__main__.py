@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -155,19 +156,24 @@ def main(argv: list[str] | None = None) -> int:
                                   max_client_connections=max(20000, settings.idle_connections + 2000),
                                   mix_site="cmgmix" in chosen)
         gen = Generators(tools["wrk"], tools["curl"], workdir, tools["taskset"], args.generator_cpus or None, shim)
-        for name in names:
-            progress(f"starting {name}")
-            with scenarios.open_scenario(name, shared) as run:
+        extra = []
+        if py_spy:
+            extra.append(_profiler(py_spy, gen, settings, args.profile, progress,
+                                   args.profile_connections, args.profile_gil))
+        if args.hops:
+            extra.append(_hop_timer(tools["tcpdump"], gen, settings, args.hops, backend.http_port, progress))
+        # Every scenario runs from start to end, side by side (idle between its own
+        # measurements), so that the 1 KiB GETs can be measured interleaved.
+        with contextlib.ExitStack() as running:
+            runs = []
+            for name in names:
+                progress(f"starting {name}")
+                run = running.enter_context(scenarios.open_scenario(name, shared))
                 progress(f"{name}: {run.description}")
-                extra = []
-                if py_spy and name.startswith("cmg"):
-                    extra.append(_profiler(py_spy, gen, settings, args.profile, progress,
-                                           args.profile_connections, args.profile_gil))
-                if args.hops and name.startswith("cmg"):
-                    extra.append(_hop_timer(tools["tcpdump"], gen, settings, args.hops, backend.http_port, progress))
-                rows.extend(workloads.run_scenario(gen, run, settings, backend.files["large"], progress,
-                                                   after_gets=_each(extra)))
-            progress(f"stopped {name}")
+                runs.append(run)
+            rows.extend(workloads.run_all(gen, runs, settings, backend.files["large"], progress,
+                                          after_gets=_each(extra)))
+            progress(f"stopping {', '.join(names)}")
     except KeyboardInterrupt:
         print("\nbench: interrupted; stopping everything", file=sys.stderr)
         return 130
@@ -201,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _each(callbacks: list):
-    """One after_gets callback running every one of ``callbacks`` (None when there is none)."""
+    """One after_gets callback running every one of ``callbacks`` on the CMG scenarios
+    (None when there is none)."""
     if not callbacks:
         return None
 
     def run_all(run: scenarios.Running) -> None:
-        for callback in callbacks:
-            callback(run)
+        if run.name.startswith("cmg"):
+            for callback in callbacks:
+                callback(run)
 
     return run_all
 

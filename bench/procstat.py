@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import psutil
 
@@ -21,6 +21,21 @@ class Usage:
     def kernel_share(self) -> dict[str, float]:
         """Per group, the share of its CPU time spent in the kernel (system time)."""
         return {k: round(self.kernel_s.get(k, 0.0) / v, 2) for k, v in self.cpu_s.items() if v > 0}
+
+    @staticmethod
+    def combined(usages: "Sequence[Usage]") -> "Usage":
+        """Several measured runs as one: times added up, the highest peak RSS."""
+        cpu: dict[str, float] = {}
+        kernel: dict[str, float] = {}
+        peak: dict[str, int] = {}
+        for u in usages:
+            for k, v in u.cpu_s.items():
+                cpu[k] = cpu.get(k, 0.0) + v
+            for k, v in u.kernel_s.items():
+                kernel[k] = kernel.get(k, 0.0) + v
+            for k, rss in u.peak_rss_kb.items():
+                peak[k] = max(peak.get(k, 0), rss)
+        return Usage(cpu, peak, sum(u.wall_s for u in usages), sum(u.system_busy_s for u in usages), kernel)
 
 
 def system_busy() -> float:

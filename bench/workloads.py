@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import nginx_conf
 from .idle import IdleConnections
 from .load import Generators, GeneratorError, Probe
-from .procstat import Monitor
+from .procstat import Monitor, Usage
 from .scenarios import Running
 from .stats import median, percentile
 
@@ -106,25 +106,54 @@ def _other_cores(usage, generator_cpu: float) -> float | None:
 
 def run_get(gen: Generators, run: Running, s: Settings, workload: str, connections: int,
             progress: Progress) -> Row:
+    """One scenario's row for a wrk workload (1 KiB GETs, or a handshake workload)."""
+    return run_gets(gen, [run], s, workload, connections, progress)[0]
+
+
+def run_gets(gen: Generators, runs: Sequence[Running], s: Settings, workload: str, connections: int,
+             progress: Progress) -> list[Row]:
+    """A wrk workload on several running scenarios, interleaved: repetition 1 on each in
+    turn, then repetition 2, and so on. The machine's speed drifts by tens of per cent
+    over minutes (other tenants of the VM host); scenarios measured side by side in the
+    same minutes share the drift, so their ratios do not carry it. Each wrk run is
+    measured on its own (CPU, RSS), and a row adds up its runs."""
     mode = HANDSHAKE_MODES[workload]
     nocert = workload.endswith("-nocert")
-    target = run.nocert if nocert else run.target
-    if target is None:
-        raise GeneratorError(f"{run.name} has no target without a client certificate")
+    targets = [run.nocert if nocert else run.target for run in runs]
+    for run, target in zip(runs, targets):
+        if target is None:
+            raise GeneratorError(f"{run.name} has no target without a client certificate")
     reps = s.new_reps if nocert else s.reps
     seconds = s.new_seconds if nocert else s.seconds
-    row = Row(run.name, workload, connections, reps)
-    results = []
-    gen_cpu = 0.0
-    with Monitor(run.groups) as mon:
-        for rep in range(reps):
-            r = gen.wrk_get(target, SMALL, connections, seconds, new_connection=mode)
-            results.append(r)
-            gen_cpu += r.generator_cpu_s
+    results: list[list[Any]] = [[] for _ in runs]
+    usages: list[list[Usage]] = [[] for _ in runs]
+    for rep in range(reps):
+        for i, (run, target) in enumerate(zip(runs, targets)):
+            with Monitor(run.groups) as mon:
+                r = gen.wrk_get(target, SMALL, connections, seconds, new_connection=mode)
+            assert mon.usage is not None
+            results[i].append(r)
+            usages[i].append(mon.usage)
             bad = f", {r.non_2xx} non-2xx, {r.errors} socket errors" if (r.non_2xx or r.errors) else ""
             progress(f"{run.name} {workload} c={connections} rep {rep + 1}/{reps}: "
                      f"{r.rps:,.0f} req/s p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms{bad}")
-    assert mon.usage is not None
+    rows = []
+    for run, runs_results, run_usages in zip(runs, results, usages):
+        row = _get_row(run, workload, connections, reps, runs_results, Usage.combined(run_usages))
+        if len(runs) > 1:
+            row.note = "; ".join(filter(None, [row.note, INTERLEAVED]))
+        rows.append(row)
+    return rows
+
+
+INTERLEAVED = "repetitions interleaved with the other scenarios'"
+
+
+def _get_row(run: Running, workload: str, connections: int, reps: int, results: list[Any], usage: Usage) -> Row:
+    mode = HANDSHAKE_MODES[workload]
+    nocert = workload.endswith("-nocert")
+    row = Row(run.name, workload, connections, reps)
+    gen_cpu = sum(r.generator_cpu_s for r in results)
     row.rps_reps = [round(r.rps, 1) for r in results]
     row.rps = median(r.rps for r in results)
     row.p50_ms = median(r.p50_ms for r in results)
@@ -133,12 +162,12 @@ def run_get(gen: Generators, run: Running, s: Settings, workload: str, connectio
     row.mb_per_s = median(r.mb_per_s for r in results)
     row.requests = sum(r.ok for r in results)
     row.errors = sum(r.non_2xx + r.errors for r in results)
-    row.other_cores = _other_cores(mon.usage, gen_cpu)
-    cpu = dict(mon.usage.cpu_s)
+    row.other_cores = _other_cores(usage, gen_cpu)
+    cpu = dict(usage.cpu_s)
     cpu["wrk"] = gen_cpu
     row.cpu_s_per_1k_req = _per_1k(cpu, row.requests)
-    row.peak_rss_kb = mon.usage.peak_rss_kb
-    row.cpu_kernel_share = mon.usage.kernel_share()
+    row.peak_rss_kb = usage.peak_rss_kb
+    row.cpu_kernel_share = usage.kernel_share()
     if mode:
         row.note = "latency excludes the handshake (wrk starts the clock at the request)"
     if nocert:
@@ -334,36 +363,44 @@ def _group_rss(run: Running) -> dict[str, int]:
     return {name: group_rss_kb(pids()) for name, pids in run.groups.items()}
 
 
-def run_scenario(gen: Generators, run: Running, s: Settings, upload_file: Path,
-                 progress: Progress, after_gets: Callable[[Running], None] | None = None) -> list[Row]:
-    """Every selected workload on one scenario; ``after_gets`` runs after the 1 KiB GETs
-    (the profiler's unrecorded extra run)."""
+def run_all(gen: Generators, runs: Sequence[Running], s: Settings, upload_file: Path,
+            progress: Progress, after_gets: Callable[[Running], None] | None = None) -> list[Row]:
+    """Every selected workload on every scenario, all of them running side by side.
+
+    ``idle-6000`` first, on each scenario's servers before they have served anything else:
+    memory they freed but kept (allocator arenas, buffers) would otherwise be reused by the
+    idle connections and hide their cost. Then the 1 KiB GETs, interleaved across the
+    scenarios (:func:`run_gets`: the headline ratios), ``after_gets`` on each scenario (the
+    profiler's and the hop timer's unrecorded extra runs), and the other workloads one
+    scenario at a time. Rows come back in the table's order: by scenario, then workload."""
     rows: list[Row] = []
-    # idle-6000 first, on servers that have not yet served the other workloads: memory
-    # they freed but kept (allocator arenas, buffers) would otherwise be reused by the
-    # idle connections and hide their cost. The table keeps the usual order.
-    warmed = False
-    for workload in sorted(s.workloads, key=lambda w: w != "idle-6000"):
-        if workload != "idle-6000" and not warmed:
-            # Warm-up (not recorded): connections, pools and caches on every hop.
-            gen.wrk_get(run.target, SMALL, 16, 1)
-            warmed = True
-        if workload == "get-1k":
-            for c in s.connections:
-                rows.append(run_get(gen, run, s, workload, c, progress))
-            if after_gets is not None:
-                after_gets(run)
-        elif workload in HANDSHAKE_MODES:
-            rows.append(run_get(gen, run, s, workload, HANDSHAKE_CONNECTIONS, progress))
-        elif workload == "cmgmix":
-            rows.append(run_mix(gen, run, s, progress))
-        elif workload == "idle-6000":
+    if "idle-6000" in s.workloads:
+        for run in runs:
             rows.append(run_idle(run, s, progress))
-        elif workload in ("download-100m", "upload-100m"):
-            rows.append(run_bulk(gen, run, s, workload, upload_file, progress))
-        else:
-            raise ValueError(f"unknown workload {workload!r} (known: {', '.join(WORKLOADS)})")
-    return sorted(rows, key=lambda r: WORKLOADS.index(r.workload))
+    rest = [w for w in s.workloads if w != "idle-6000"]
+    if rest:
+        for run in runs:  # warm-up, not recorded: connections, pools and caches on every hop
+            gen.wrk_get(run.target, SMALL, 16, 1)
+    if "get-1k" in rest:
+        for c in s.connections:
+            rows.extend(run_gets(gen, runs, s, "get-1k", c, progress))
+        if after_gets is not None:
+            for run in runs:
+                after_gets(run)
+    for run in runs:
+        for workload in rest:
+            if workload == "get-1k":
+                continue
+            if workload in HANDSHAKE_MODES:
+                rows.append(run_get(gen, run, s, workload, HANDSHAKE_CONNECTIONS, progress))
+            elif workload == "cmgmix":
+                rows.append(run_mix(gen, run, s, progress))
+            elif workload in ("download-100m", "upload-100m"):
+                rows.append(run_bulk(gen, run, s, workload, upload_file, progress))
+            else:
+                raise ValueError(f"unknown workload {workload!r} (known: {', '.join(WORKLOADS)})")
+    order = {run.name: i for i, run in enumerate(runs)}
+    return sorted(rows, key=lambda r: (order[r.scenario], WORKLOADS.index(r.workload)))
 
 
 def select(spec: str | None) -> tuple[str, ...]:
