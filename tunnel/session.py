@@ -8,8 +8,8 @@ and wakes tasks. Used by both ends, over any object with ``async send(bytes)``,
 Tasks: ``run()`` reads messages and feeds the protocol; one writer task flushes
 ``protocol.data_to_send()`` in order, coalescing what was queued since its last turn
 into websocket messages. Over a websocket of :mod:`tunnel.ws` (``send_now``), what a
-turn of the event loop queued is sent by a callback at the end of that turn instead,
-as long as the websocket takes it at once; what it does not take, and everything after,
+turn of the event loop queued is sent by a callback at the end of that turn instead
+(or as soon as ``SEND_EARLY`` bytes are queued), as long as the websocket takes it at once; what it does not take, and everything after,
 goes to the writer task, which waits for the websocket as before. Writers of streams
 queue frames and go on; they wait for the writer only once ``FLUSH_AHEAD`` bytes are
 queued and not yet sent, which carries the websocket's backpressure to them
@@ -66,6 +66,13 @@ MESSAGE_SIZE = 65536
 #: queued and not yet handed to the websocket do they wait for the writer. Memory per
 #: tunnel stays bounded by it, and the websocket's own backpressure reaches the writers.
 FLUSH_AHEAD = 262144
+#: What a turn has queued is sent as soon as it reaches this many bytes, not only at the
+#: end of the turn: a turn that handles 64 requests (or responses) then hands the first
+#: ones to the peer while it works on the rest, so the two ends work side by side instead
+#: of in turns (one turn-sized batch each, the other end idle meanwhile). 16 KiB is about
+#: 50 request heads or 13 small responses: smaller batches cost more CPU per request than
+#: the idle time they win back (docs/performance.md, "Seventh round").
+SEND_EARLY = 16384
 
 _WS_NORMAL = 1000
 _WS_PROTOCOL_ERROR = 1002
@@ -546,7 +553,9 @@ class TunnelSession:
         Raises TunnelClosedError once the writer has stopped.
         """
         generation = self._kick()
-        if ended is not None and self._send_handle is not None:
+        if self._send_handle is not None and self.protocol.pending_output >= SEND_EARLY:
+            self._send_queued()
+        elif ended is not None and self._send_handle is not None:
             streams = self._streams
             if len(streams) - (streams.get(ended.stream_id) is ended) == 0:
                 self._send_queued()

@@ -31,6 +31,7 @@ from tunnel import (
     negotiate,
 )
 from tunnel.frames import decode_close, parse_frame
+from tunnel.session import SEND_EARLY
 from tunnel.ws import DirectClientConnection, DirectServerConnection
 
 from tunnel_helpers import ROLES, DirectMemoryWebSocket, MemoryWebSocket, memory_pair
@@ -224,6 +225,37 @@ async def test_an_ended_stream_alone_in_flight_is_sent_before_the_handler_goes_o
         assert (await asyncio.wait_for(held.response(), 5)).status == 200
     direct = websocket_kind == "send-now"
     assert at_once == {"/alone": direct, "/with-another": False, "/held": direct}
+
+
+async def test_a_turn_that_queues_much_sends_before_its_end(websocket_kind: str) -> None:
+    """Over send_now, what one turn queues goes out as soon as SEND_EARLY bytes are
+    waiting, not only at the end of the turn: the peer starts on the first requests while
+    this end queues the rest. Through the writer task, everything waits for its turn."""
+    async def handler(stream: TunnelStream) -> None:
+        await stream.send_response(200, "OK", [], end_stream=True)
+
+    async with session_pair(handler) as pair:
+        gateway = pair.gateway
+        ws = gateway.websocket
+        assert isinstance(ws, MemoryWebSocket)
+        padding = [(b"x-padding", b"p" * 900)]
+        per_head = len(b"x-padding") + 900
+        count = 3 * SEND_EARLY // per_head
+        before = ws.sent_messages
+        opened = [asyncio.ensure_future(gateway.open_stream("GET", f"/r{i}", padding, end_stream=True))
+                  for i in range(count)]
+        # One turn runs every open_stream up to its flush; none has been awaited yet.
+        await asyncio.sleep(0)
+        sent_within_the_turn = ws.sent_messages - before
+        streams = await asyncio.gather(*opened)
+        for stream in streams:
+            assert (await asyncio.wait_for(stream.response(), 5)).status == 200
+    if websocket_kind == "send-now":
+        # The first head went alone (no other stream in flight yet); then one message
+        # per SEND_EARLY bytes, about three.
+        assert sent_within_the_turn >= 3
+    else:
+        assert sent_within_the_turn == 0
 
 
 async def test_slow_reader_does_not_stall_another_stream() -> None:
