@@ -59,6 +59,9 @@ class Routes:
     def __init__(self) -> None:
         self._links: list[ConnectorLink] = []
         self._turn: dict[int, itertools.count[int]] = {}
+        # The links that publish each role (usable or not), in connection order; made
+        # on demand, forgotten whenever a link comes or goes.
+        self._serving: dict[int, tuple[ConnectorLink, ...]] = {}
         # Roles ever published since start: a role whose connection points are all
         # gone answers 503 (unavailable), not 404 (unknown).
         self._known: dict[int, PublishedRole] = {}
@@ -75,6 +78,7 @@ class Routes:
 
     def add(self, link: ConnectorLink) -> None:
         self._links.append(link)
+        self._serving.clear()
         self._known.update(link.roles)
         for role_id, role in link.roles.items():
             self._known_paths[role_id] = frozenset(p.lower() for p in role.paths)
@@ -82,6 +86,7 @@ class Routes:
     def remove(self, link: ConnectorLink) -> None:
         if link in self._links:
             self._links.remove(link)
+            self._serving.clear()
 
     def published_roles(self) -> list[PublishedRole]:
         """The roles connected connection points publish now, once each."""
@@ -98,13 +103,11 @@ class Routes:
 
     def candidates(self, role_id: int) -> list[ConnectorLink]:
         """Usable links serving the role, starting with the one whose turn it is."""
-        all_links = self._links
-        if len(all_links) == 1:  # the usual case: one tunnel per instance and site
-            link = all_links[0]
-            return [link] if role_id in link.roles and link.usable else []
-        links = [l for l in all_links if role_id in l.roles and l.usable]
-        if len(links) <= 1:
-            return links
+        serving = self._serving.get(role_id)
+        if serving is None:
+            serving = self._serving[role_id] = tuple(l for l in self._links if role_id in l.roles)
+        if len(serving) <= 1:  # the usual case: one tunnel per instance and site
+            return [link for link in serving if link.usable]
         counter = self._turn.setdefault(role_id, itertools.count())
-        start = next(counter) % len(links)
-        return links[start:] + links[:start]
+        start = next(counter) % len(serving)
+        return [link for link in serving[start:] + serving[:start] if link.usable]
