@@ -16,7 +16,8 @@ Modules: ``stats`` (percentiles, medians: pure), ``nginx_conf`` and ``ssh_conf``
 backend, proxies, sshd, the CMG stack), ``procstat`` (CPU and RSS of process groups),
 ``load`` (wrk, curl, the probe), ``mix`` (the ConfigMgr mix's asyncio generator,
 ``cmgmix``), ``idle`` (idle TLS connections, ``idle-6000``), ``scenarios``, ``workloads``,
-``report``, ``plot``.
+``report``, ``plot``; ``minimal_hop`` (a reference, not a scenario: what one bare Python
+TLS-to-HTTP hop costs, side by side with nginx).
 
 Workloads: ``get-1k`` (keep-alive GETs), ``handshake-full``/``handshake-resumed`` (a new
 TLS connection per request, client certificate), ``handshake-full-nocert``/
