@@ -212,12 +212,12 @@ def _each(callbacks: list):
     if not callbacks:
         return None
 
-    def run_all(run: scenarios.Running) -> None:
+    def on_cmg(run: scenarios.Running) -> None:
         if run.name.startswith("cmg"):
             for callback in callbacks:
                 callback(run)
 
-    return run_all
+    return on_cmg
 
 
 def _hop_timer(tcpdump: str, gen: Generators, s: workloads.Settings, out: Path, backend_port: int, progress):

@@ -23,7 +23,7 @@ class Usage:
         return {k: round(self.kernel_s.get(k, 0.0) / v, 2) for k, v in self.cpu_s.items() if v > 0}
 
     @staticmethod
-    def combined(usages: "Sequence[Usage]") -> "Usage":
+    def combined(usages: Sequence[Usage]) -> Usage:
         """Several measured runs as one: times added up, the highest peak RSS."""
         cpu: dict[str, float] = {}
         kernel: dict[str, float] = {}

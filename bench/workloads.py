@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 from . import nginx_conf
 from .idle import IdleConnections
-from .load import Generators, GeneratorError, Probe
+from .load import Generators, GeneratorError, Probe, WrkResult
 from .procstat import Monitor, Usage
 from .scenarios import Running
 from .stats import median, percentile
@@ -125,7 +125,7 @@ def run_gets(gen: Generators, runs: Sequence[Running], s: Settings, workload: st
             raise GeneratorError(f"{run.name} has no target without a client certificate")
     reps = s.new_reps if nocert else s.reps
     seconds = s.new_seconds if nocert else s.seconds
-    results: list[list[Any]] = [[] for _ in runs]
+    results: list[list[WrkResult]] = [[] for _ in runs]
     usages: list[list[Usage]] = [[] for _ in runs]
     for rep in range(reps):
         for i, (run, target) in enumerate(zip(runs, targets)):
@@ -138,8 +138,8 @@ def run_gets(gen: Generators, runs: Sequence[Running], s: Settings, workload: st
             progress(f"{run.name} {workload} c={connections} rep {rep + 1}/{reps}: "
                      f"{r.rps:,.0f} req/s p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms{bad}")
     rows = []
-    for run, runs_results, run_usages in zip(runs, results, usages):
-        row = _get_row(run, workload, connections, reps, runs_results, Usage.combined(run_usages))
+    for run, run_results, run_usages in zip(runs, results, usages):
+        row = _get_row(run, workload, connections, reps, run_results, Usage.combined(run_usages))
         if len(runs) > 1:
             row.note = "; ".join(filter(None, [row.note, INTERLEAVED]))
         rows.append(row)
@@ -149,7 +149,8 @@ def run_gets(gen: Generators, runs: Sequence[Running], s: Settings, workload: st
 INTERLEAVED = "repetitions interleaved with the other scenarios'"
 
 
-def _get_row(run: Running, workload: str, connections: int, reps: int, results: list[Any], usage: Usage) -> Row:
+def _get_row(run: Running, workload: str, connections: int, reps: int, results: list[WrkResult],
+             usage: Usage) -> Row:
     mode = HANDSHAKE_MODES[workload]
     nocert = workload.endswith("-nocert")
     row = Row(run.name, workload, connections, reps)
