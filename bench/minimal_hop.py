@@ -17,6 +17,7 @@ Python itself can do on this machine; see docs/performance.md, "Seventh round".
 from __future__ import annotations
 
 import asyncio
+import shutil
 import ssl
 import sys
 import tempfile
@@ -105,50 +106,62 @@ async def serve(port: int, cert: str, key: str, backend_port: int) -> None:
 
 
 def measure(seconds: float = 4.0, reps: int = 3) -> None:
-    import subprocess
-
-    from cmg.launcher import free_port
-
-    from . import scenarios, sysdeps, workloads
-    from .load import Generators, build_shim
-    from .procstat import Monitor
-    from .servers import Backend
+    from . import sysdeps
 
     tools = sysdeps.ensure(["nginx", "wrk", "curl", "gcc", "taskset"])
     base = "/dev/shm" if Path("/dev/shm").is_dir() else None
     work = Path(tempfile.mkdtemp(prefix="cmg-minimal-hop-", dir=base))
-    work.chmod(0o755)
+    try:
+        _measure(tools, work, seconds, reps)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(tools: dict[str, str], work: Path, seconds: float, reps: int) -> None:
+    import subprocess
+
+    from cmg.launcher import free_port
+
+    from . import scenarios, workloads
+    from .load import Generators, build_shim
+    from .procstat import Monitor
+    from .servers import Backend
+
+    work.chmod(0o755)  # nginx's workers (an unprivileged user) read the files under it
     certs = work / "certs"
     scenarios.init_pki(certs)
     tls = scenarios.server_tls(certs)
     backend = Backend(tools["nginx"], work, tls, 1 << 20).start()
-    shared = scenarios.Shared(tools, work, certs, backend)
-    gen = Generators(tools["wrk"], tools["curl"], work, tools["taskset"], "1",
-                     build_shim(tools["gcc"], work / "wrk_clientcert.so"))
-    port = free_port()
-    hop = subprocess.Popen([sys.executable, "-m", "bench.minimal_hop", "serve", str(port), str(tls.certificate),
-                            str(tls.key), str(backend.http_port)], stdout=subprocess.PIPE, text=True)
     try:
-        assert hop.stdout is not None and hop.stdout.readline().strip() == "ready"
-        with scenarios.open_scenario("nginx", shared) as nginx:
-            runs = [("minimal-hop", shared.target(port), {"hop": lambda: [hop.pid],
-                                                           "backend": lambda: [backend.nginx.proc.pid]}),
-                    ("nginx", nginx.target, nginx.groups)]
-            for _, target, _ in runs:
-                gen.wrk_get(target, workloads.SMALL, 16, 1)  # warm-up
-            for connections in (64, 1):
-                for rep in range(reps):
-                    for name, target, groups in runs:
-                        with Monitor(groups) as mon:
-                            r = gen.wrk_get(target, workloads.SMALL, connections, seconds)
-                        assert mon.usage is not None
-                        cpu = ", ".join(f"{k} {v * 1000 / max(r.ok, 1):.4f}" for k, v in mon.usage.cpu_s.items())
-                        print(f"{name:11s} c={connections:<3d} rep {rep + 1}/{reps}: {r.rps:8,.0f} req/s "
-                              f"p50 {r.p50_ms:.3f} ms, errors {r.errors + r.non_2xx}; CPU ms per request: {cpu}, "
-                              f"wrk {r.generator_cpu_s * 1000 / max(r.ok, 1):.4f}", flush=True)
+        shared = scenarios.Shared(tools, work, certs, backend)
+        gen = Generators(tools["wrk"], tools["curl"], work, tools["taskset"], "1",
+                         build_shim(tools["gcc"], work / "wrk_clientcert.so"))
+        port = free_port()
+        hop = subprocess.Popen([sys.executable, "-m", "bench.minimal_hop", "serve", str(port),
+                                str(tls.certificate), str(tls.key), str(backend.http_port)],
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            assert hop.stdout is not None and hop.stdout.readline().strip() == "ready"
+            with scenarios.open_scenario("nginx", shared) as nginx:
+                runs = [("minimal-hop", shared.target(port), {"hop": lambda: [hop.pid],
+                                                               "backend": lambda: [backend.nginx.proc.pid]}),
+                        ("nginx", nginx.target, nginx.groups)]
+                for _, target, _ in runs:
+                    gen.wrk_get(target, workloads.SMALL, 16, 1)  # warm-up
+                for connections in (64, 1):
+                    for rep in range(reps):
+                        for name, target, groups in runs:
+                            with Monitor(groups) as mon:
+                                r = gen.wrk_get(target, workloads.SMALL, connections, seconds)
+                            assert mon.usage is not None
+                            cpu = ", ".join(f"{k} {v * 1000 / max(r.ok, 1):.4f}" for k, v in mon.usage.cpu_s.items())
+                            print(f"{name:11s} c={connections:<3d} rep {rep + 1}/{reps}: {r.rps:8,.0f} req/s "
+                                  f"p50 {r.p50_ms:.3f} ms, errors {r.errors + r.non_2xx}; CPU ms per request: "
+                                  f"{cpu}, wrk {r.generator_cpu_s * 1000 / max(r.ok, 1):.4f}", flush=True)
+        finally:
+            hop.terminate()
+            hop.wait(10)
     finally:
-        hop.terminate()
-        hop.wait(10)
         backend.stop()
 
 
