@@ -8,14 +8,14 @@ and wakes tasks. Used by both ends, over any object with ``async send(bytes)``,
 Tasks: ``run()`` reads messages and feeds the protocol; one writer task flushes
 ``protocol.data_to_send()`` in order, coalescing what was queued since its last turn
 into websocket messages. Over a websocket of :mod:`tunnel.ws` (``send_now``), what a
-turn of the event loop queued is sent by a callback at the end of that turn instead
-(or as soon as ``SEND_EARLY`` bytes are queued), as long as the websocket takes it at once; what it does not take, and everything after,
-goes to the writer task, which waits for the websocket as before. Writers of streams
-queue frames and go on; they wait for the writer only once ``FLUSH_AHEAD`` bytes are
-queued and not yet sent, which carries the websocket's backpressure to them
-(``open_stream(wait_sent=True)`` waits until the head has left). One task sends pings
-and enforces the ping timeout; each incoming request (connector side) runs
-``on_request(stream)`` in a tracked task.
+turn of the event loop queued is sent by a callback at the end of that turn instead (or
+as soon as ``SEND_EARLY`` bytes are queued), as long as the websocket takes it at once;
+what it does not take, and everything after, goes to the writer task, which waits for
+the websocket as before. Writers of streams queue frames and go on; they wait for the
+writer only once ``FLUSH_AHEAD`` bytes are queued and not yet sent, which carries the
+websocket's backpressure to them (``open_stream(wait_sent=True)`` waits until the head
+has left). One task sends pings and enforces the ping timeout; each incoming request
+(connector side) runs ``on_request(stream)`` in a tracked task.
 
 Logging: DEBUG per stream, INFO when a tunnel opens or closes, WARNING when the peer
 broke the protocol, ERROR (with traceback) when our own code failed.
