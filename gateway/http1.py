@@ -21,7 +21,10 @@ per connection:
 - a response that comes before the whole request body closes the connection after the
   rest of the body was read and dropped (up to ``linger_timeout``), so the client never
   gets a reset instead of its answer;
-- a client that goes away cancels the handler of its request.
+- a client that goes away cancels the handler of its request;
+- a handler may take a request without a body without a task of its own
+  (``handler.begin``) and answer it later from a callback (``request.respond``): the
+  common small exchange then costs no task and no coroutine chain.
 
 Responses are :class:`WholeResponse` (head and body in one write) or
 :class:`StreamedResponse` (head, then the body as it comes: ``Content-Length`` framing
@@ -317,7 +320,7 @@ class ClientRequest:
     """One client request: what the handler reads of it (the names are aiohttp's)."""
 
     __slots__ = ("method", "raw_path", "version", "raw_headers", "keep_alive", "content_length",
-                 "body_exists", "content", "remote", "connection", "_conn", "__weakref__")
+                 "body_exists", "content", "remote", "connection", "on_abandon", "_conn", "__weakref__")
 
     def __init__(self, conn: ClientConnection, method: str, raw_path: str, version: HttpVersion,
                  raw_headers: list[tuple[bytes, bytes]], keep_alive: bool, content_length: int | None,
@@ -333,6 +336,9 @@ class ClientRequest:
         self.content = content
         self.body_exists = content is not EMPTY_BODY
         self.remote: str | None = conn.remote
+        # Set by a handler that took the request without a task (GatewayServer.begin):
+        # called if the client goes away before the response was handed over.
+        self.on_abandon: Callable[[], None] | None = None
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -369,6 +375,11 @@ class ClientRequest:
         """Whether the connection can carry another request after this one's response."""
         return self._conn._keeps_alive(self)
 
+    def respond(self, result: WholeResponse | Awaitable[Response]) -> None:
+        """For a request a handler took without a task (``begin``): its answer, written at
+        once, or an awaitable of it, awaited in a task (a streamed response)."""
+        self._conn._respond(self, result)
+
 
 # --- responses ---
 
@@ -386,6 +397,12 @@ class WholeResponse:
         self.written = written  # called once the answer was handed to the client (or failed to be)
 
     async def send(self, request: ClientRequest) -> None:
+        self.write_to(request)
+        await request.drain()
+
+    def write_to(self, request: ClientRequest) -> None:
+        """The whole answer, handed to the connection (without waiting for the client to
+        read it: see ``send``)."""
         body = self.body
         head = response_head(request.version, self.status, self.reason, self.headers, request.will_keep_alive(),
                              length=len(body), default_type=bool(body))
@@ -404,7 +421,6 @@ class WholeResponse:
             written, self.written = self.written, None
             if written is not None:
                 written()
-        await request.drain()
 
 
 class StreamedResponse:
@@ -488,6 +504,12 @@ Response = WholeResponse | StreamedResponse
 Handler = Callable[[ClientRequest], Awaitable[Response]]
 
 
+def close_awaitable(result: Awaitable[Response]) -> None:
+    close = getattr(result, "close", None)  # a coroutine never started: no warning about it
+    if close is not None:
+        close()
+
+
 # --- connections ---
 
 class ClientConnection(asyncio.Protocol):
@@ -495,7 +517,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("_server", "_loop", "transport", "remote", "_buf", "_request", "_body", "_decoder", "_task",
                  "_closing", "_write_paused", "_drain_waiter", "_paused_for", "_head_since",
-                 "_idle_since", "_timer", "_lost", "_head_sent")
+                 "_idle_since", "_timer", "_lost", "_head_sent", "_done_when_drained")
 
     def __init__(self, server: GatewayServer) -> None:
         self._server = server
@@ -516,6 +538,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._head_sent = False  # the current request's response head went out
+        # A request answered without a task, waiting for the client to read the answer.
+        self._done_when_drained: ClientRequest | None = None
 
     # --- asyncio.Protocol ---
 
@@ -573,6 +597,11 @@ class ClientConnection(asyncio.Protocol):
                 waiter.set_exception(ConnectionResetError("the client went away"))
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the handler learns at once (its stream is reset)
+        request = self._request
+        if request is not None and request.on_abandon is not None:
+            abandon, request.on_abandon = request.on_abandon, None
+            abandon()  # taken without a task (begin): the handler learns the same way
+        self._done_when_drained = None
         self._buf = b""
 
     def pause_writing(self) -> None:
@@ -585,6 +614,10 @@ class ClientConnection(asyncio.Protocol):
             self._drain_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        request = self._done_when_drained
+        if request is not None:
+            self._done_when_drained = None
+            self._done(request)
 
     # --- reading requests ---
 
@@ -621,6 +654,10 @@ class ClientConnection(asyncio.Protocol):
         self._buf = rest
         if self._paused_for & 2 and len(rest) <= PIPELINE_LIMIT:
             self._resume(body=False)
+        self._head_sent = False
+        begin = self._server.begin
+        if begin is not None and self._decoder is None and begin(request):
+            return  # taken without a task: answered through request.respond
         self._task = self._loop.create_task(self._handle(request))
 
     def _request_from(self, parsed: Any) -> tuple[ClientRequest, int]:
@@ -716,11 +753,33 @@ class ClientConnection(asyncio.Protocol):
 
     # --- handling ---
 
-    async def _handle(self, request: ClientRequest) -> None:
-        server = self._server
-        self._head_sent = False
+    def _respond(self, request: ClientRequest, result: WholeResponse | Awaitable[Response]) -> None:
+        if self._request is not request or self._lost:  # the client went away meanwhile
+            if not isinstance(result, WholeResponse):
+                close_awaitable(result)
+            return
+        if not isinstance(result, WholeResponse):
+            # on_abandon stays: a task cancelled before it started never runs its handler.
+            self._task = self._loop.create_task(self._handle(request, result))
+            return
+        request.on_abandon = None
         try:
-            response = await server.handler(request)
+            result.write_to(request)
+        except ConnectionError:
+            self._closing = True
+        except Exception as exc:  # a defect: as in _handle, the gateway carries on
+            self._server.log.error("Unhandled exception writing the answer to %s %s: %r", request.method,
+                                   request.raw_path[:200], exc, exc_info=exc)
+            self._abort()
+        if self._write_paused and not self._lost:
+            self._done_when_drained = request  # resume_writing (or connection_lost) ends it
+            return
+        self._done(request)
+
+    async def _handle(self, request: ClientRequest, pending: Awaitable[Response] | None = None) -> None:
+        server = self._server
+        try:
+            response = await (server.handler(request) if pending is None else pending)
             if isinstance(response, StreamedResponse):
                 if not response.finished:
                     raise RuntimeError("a streamed response returned unfinished")
@@ -895,6 +954,9 @@ class GatewayServer:
                  keepalive_timeout: float = 120.0, linger_timeout: float = 10.0,
                  max_field_size: int = 16384) -> None:
         self.handler = handler
+        # Optional: handler.begin(request) -> True when it took a request without a body
+        # without a task of its own, answering later through request.respond().
+        self.begin: Callable[[ClientRequest], bool] | None = getattr(handler, "begin", None)
         self.log = log
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
@@ -922,3 +984,5 @@ class GatewayServer:
             task = conn._task
             if task is not None and not task.done():
                 task.cancel()
+            elif conn.busy:
+                conn._abort()  # a request taken without a task: its handler learns of it

@@ -5,6 +5,10 @@ demands, check the role and endpoint against what connected connection points
 publish, open a stream on the next connection point's tunnel (round-robin), and
 pump the bodies both ways under the tunnel's flow control. Nothing unauthenticated
 or unpublished is ever written to a tunnel.
+
+A request without a body (most of a client's: policy, content, location requests) is an
+:class:`_Exchange` driven by callbacks; on a MutualAuth path it is taken without a task
+at all (``begin``), and a task is made only when its response is to be streamed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import logging
 import time
 import os
+from collections.abc import Awaitable, Callable
 from xml.sax.saxutils import escape
 
 from cmg.config import GatewayConfig
@@ -27,7 +32,7 @@ from tunnel import (
 )
 
 from . import errors
-from .http1 import ClientRequest, Response, StreamedResponse, WholeResponse
+from .http1 import ClientRequest, Response, StreamedResponse, WholeResponse, close_awaitable
 from .client_auth import ClientCertificateCheck, ClientCertificateVerifier, ClientIdentity, Verdict
 from cmg.paths import Channel, ClientPath, parse_client_path
 from .routing import ConnectorLink, Routes
@@ -156,29 +161,62 @@ class ClientRequestHandler:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
-        # The tasks of the requests in flight: what a drain that times out reports.
-        self._requests: dict[asyncio.Task[object] | None, tuple[str, str, float]] = {}
+        # The requests in flight, by their task (or their _Exchange when taken without a
+        # task): what a drain that times out reports.
+        self._requests: dict[object, tuple[str, str, float]] = {}
         self._instance_name = f"ProxyService_IN_{config.instance}"
 
     async def __call__(self, request: ClientRequest) -> Response:
-        self.in_flight += 1
-        self.idle.clear()
         start = time.monotonic()
         task = asyncio.current_task()
-        self._requests[task] = (request.method, request.raw_path, start)
+        self._track(task, request, start)
         try:
             return await self._handle(request, start)
         finally:
-            self._requests.pop(task, None)
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self.idle.set()
+            self._untrack(task)
+
+    def begin(self, request: ClientRequest) -> bool:
+        """The common exchange without a task (gateway/http1.py ``GatewayServer.begin``): a
+        request without a body, on a MutualAuth path of a published endpoint, from a client
+        whose certificate passed. True when taken: the answer comes through
+        ``request.respond``. Anything else (a refusal, a token, a body) goes the way of
+        ``__call__``, which gives the same answer for these."""
+        if request.body_exists:
+            return False
+        cp = parse_client_path(request.raw_path)
+        if cp is None or cp.role_id is None or cp.channel is not Channel.MUTUAL_AUTH or cp.malformed:
+            return False
+        check = self._client_check(request)
+        identity = check.identity
+        if check.verdict is not Verdict.TRUSTED or identity is None:
+            return False
+        if not self._routes.is_known(cp.role_id, cp.resource):
+            return False
+        start = time.monotonic()
+        exchange = _Exchange(self, request, cp, identity, start, request.respond)
+        self._track(exchange, request, start)
+        request.on_abandon = exchange.abandon
+        exchange.start()
+        return True
+
+    def _track(self, key: object, request: ClientRequest, start: float) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+        self._requests[key] = (request.method, request.raw_path, start)
+
+    def _untrack(self, key: object) -> None:
+        if self._requests.pop(key, None) is None:
+            return  # once per request, however it ended
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
 
     def describe_in_flight(self) -> list[str]:
         """One line per request in flight: method, path, age, and where it waits."""
         now = time.monotonic()
-        return [f"{method} {path[:200]} for {now - start:.1f} s, waiting in {_await_chain(task)}"
-                for task, (method, path, start) in list(self._requests.items())]
+        return [f"{method} {path[:200]} for {now - start:.1f} s, waiting in "
+                f"{key.waiting_in() if isinstance(key, _Exchange) else _await_chain(key)}"  # type: ignore[arg-type]
+                for key, (method, path, start) in list(self._requests.items())]
 
     async def _handle(self, request: ClientRequest, start: float) -> Response:
         raw_path = request.raw_path
@@ -245,7 +283,7 @@ class ClientRequestHandler:
 
     # --- forwarding ---
 
-    def _request_headers(self, request: ClientRequest, identity: ClientIdentity | None,
+    def _request_headers(self, request: ClientRequest, identity: ClientIdentity | TokenIdentity | None,
                          message_id: str) -> list[tuple[bytes, bytes]]:
         forwarded = _FORWARDED.get
         headers = []
@@ -277,59 +315,41 @@ class ClientRequestHandler:
     async def _forward(self, request: ClientRequest, cp: ClientPath,
                        identity: ClientIdentity | TokenIdentity | None, start: float) -> Response:
         assert cp.role_id is not None
+        if not request.body_exists:
+            # The exchange of begin(), awaited here (after a token was checked, say).
+            answer: asyncio.Future[WholeResponse | Awaitable[Response]] = \
+                asyncio.get_running_loop().create_future()
+
+            def deliver(result: WholeResponse | Awaitable[Response]) -> None:
+                if not answer.done():
+                    answer.set_result(result)
+
+            exchange = _Exchange(self, request, cp, identity, start, deliver)
+            exchange.start()
+            try:
+                result = await answer
+            except BaseException:  # cancelled: the client went away
+                exchange.abandon()
+                if answer.done() and not answer.cancelled():
+                    close_awaitable(answer.result())
+                raise
+            return result if isinstance(result, WholeResponse) else await result
         message_id = new_message_id()
         headers = self._request_headers(request, identity, message_id)
-        has_body = request.body_exists
-        safe = request.method in SAFE_METHODS
         target = request.raw_path
         timeout = self._config.response_timeout
         stream: TunnelStream | None = None
         link: ConnectorLink | None = None
         for candidate in self._routes.candidates(cp.role_id):
             try:
-                # A request that may not be replayed waits until its head left for the
-                # tunnel: one whose tunnel died before that goes to the next connection
-                # point, its body still unread. A safe one is replayed if need be.
-                stream = await candidate.session.open_stream(
-                    request.method, target, headers, end_stream=not has_body, wait_sent=has_body or not safe)
+                # A request with a body waits until its head left for the tunnel: one
+                # whose tunnel died before that goes to the next connection point, its
+                # body still unread.
+                stream = await candidate.session.open_stream(request.method, target, headers, wait_sent=True)
             except (DrainingError, TooManyStreamsError, TunnelClosedError) as exc:
                 self._log.info("Connection point %s cannot take message %s: %s",
                                candidate.name, message_id, exc.__class__.__name__)
                 continue
-            if not has_body:
-                # Without a body a request can go to the next connection point when this
-                # one refused it unprocessed (REFUSED_STREAM), or, for a safe method, when
-                # its tunnel died before any answer (replaying a GET harms nobody).
-                try:
-                    head = await stream.response(timeout)
-                except TimeoutError:
-                    stream.reset(ErrorCode.CANCEL, "no response head in time")
-                    return self._failed(request, cp, start, errors.GATEWAY_TIMEOUT,
-                                        f"no answer to message {message_id} from {candidate.name} "
-                                        f"within {timeout:g} s", candidate)
-                except StreamResetError as exc:
-                    if exc.code is ErrorCode.REFUSED_STREAM:
-                        self._log.info("Connection point %s refused message %s; trying the next",
-                                       candidate.name, message_id)
-                        stream = None
-                        continue
-                    return self._failed(request, cp, start, _error_for(exc.code),
-                                        f"message {message_id} reset by {candidate.name}: {exc}", candidate)
-                except TunnelClosedError:
-                    if safe:
-                        self._log.info("Tunnel to %s closed before message %s was answered; trying the next",
-                                       candidate.name, message_id)
-                        stream = None
-                        continue
-                    return self._failed(request, cp, start, errors.BAD_GATEWAY,
-                                        f"tunnel to {candidate.name} closed during message {message_id}", candidate)
-                except BaseException:
-                    # The client went away (the handler is cancelled): reset the stream, or
-                    # the answer is buffered here unread and its credit is never returned.
-                    stream.reset(ErrorCode.CANCEL, "client went away")
-                    raise
-                link = candidate
-                return await self._relay(request, cp, link, stream, None, head, start, 0)
             link = candidate
             break
         if stream is None or link is None:
@@ -377,33 +397,42 @@ class ClientRequestHandler:
                     continue  # the request body is still flowing: the clock starts again
                 raise
 
+    def _whole(self, request: ClientRequest, cp: ClientPath, link: ConnectorLink, stream: TunnelStream,
+               head: object, start: float, sent: int) -> WholeResponse | None:
+        """The answer when the whole response is here already (a small one, usually),
+        written with its head in one go; None when its body is to be streamed."""
+        status: int = head.status  # type: ignore[attr-defined]
+        if status in NO_BODY_STATUSES or request.method == "HEAD":
+            return None
+        body = stream.buffered_body()
+        if body is None:
+            return None
+        known = _WHOLE_NAMES.get
+        headers = []
+        for k, v in head.headers:  # type: ignore[attr-defined]
+            relayed = known(k)
+            if relayed is None:
+                relayed = _WHOLE_NAMES.add(k)
+            if relayed:
+                headers.append((k, v))
+        role_id = cp.role_id
+        assert role_id is not None
+        size = len(body)
+
+        def account() -> None:  # once written: off the response's path
+            link.account(role_id, status < 500, sent, size)
+            self._summary.record(request.path, sent, size, (time.monotonic() - start) * 1000)
+
+        return WholeResponse(status, head.reason, headers, body, account)  # type: ignore[attr-defined]
+
     async def _relay(self, request: ClientRequest, cp: ClientPath, link: ConnectorLink,
                      stream: TunnelStream, upload: asyncio.Future[None] | None, head: object,
                      start: float, sent: list[int] | int) -> Response:
         status: int = head.status  # type: ignore[attr-defined]
-        if (upload is None or upload.done()) and status not in NO_BODY_STATUSES and request.method != "HEAD":
-            body = stream.buffered_body()
-            if body is not None:
-                # The whole response is here already (a small one, usually): written
-                # with its head in one go.
-                known = _WHOLE_NAMES.get
-                headers = []
-                for k, v in head.headers:  # type: ignore[attr-defined]
-                    relayed = known(k)
-                    if relayed is None:
-                        relayed = _WHOLE_NAMES.add(k)
-                    if relayed:
-                        headers.append((k, v))
-                nsent = sent[0] if isinstance(sent, list) else sent
-                role_id = cp.role_id
-                assert role_id is not None
-                size = len(body)
-
-                def account() -> None:  # once written: off the response's path
-                    link.account(role_id, status < 500, nsent, size)
-                    self._summary.record(request.path, nsent, size, (time.monotonic() - start) * 1000)
-
-                return WholeResponse(status, head.reason, headers, body, account)  # type: ignore[attr-defined]
+        if upload is None or upload.done():
+            whole = self._whole(request, cp, link, stream, head, start, sent[0] if isinstance(sent, list) else sent)
+            if whole is not None:
+                return whole
         streamed = []
         for k, v in head.headers:  # type: ignore[attr-defined]
             relayed = _STREAMED_NAMES.get(k)
@@ -549,6 +578,128 @@ class ClientRequestHandler:
             f"<Roles>{roles}</Roles></ServiceMetadata>"
         )
         return _xml(body)
+
+
+class _Exchange:
+    """A request without a body through a tunnel, driven by callbacks: no task, no
+    coroutine, until its answer is known (or turns out to be a streamed one).
+
+    It goes to the next connection point when one refused it unprocessed
+    (REFUSED_STREAM), or when its tunnel died before any answer and the request is safe to
+    replay (a GET) or never left (its head was not sent). ``deliver`` gets the answer
+    once: a WholeResponse, or a coroutine that streams a larger response.
+    """
+
+    __slots__ = ("handler", "request", "cp", "began", "deliver", "message_id", "headers", "safe",
+                 "candidates", "link", "stream", "over", "starting")
+
+    def __init__(self, handler: ClientRequestHandler, request: ClientRequest, cp: ClientPath,
+                 identity: ClientIdentity | TokenIdentity | None, start: float,
+                 deliver: Callable[[WholeResponse | Awaitable[Response]], None]) -> None:
+        assert cp.role_id is not None
+        self.handler = handler
+        self.request = request
+        self.cp = cp
+        self.began = start
+        self.deliver = deliver
+        self.message_id = new_message_id()
+        self.headers = handler._request_headers(request, identity, self.message_id)
+        self.safe = request.method in SAFE_METHODS
+        self.candidates = iter(handler._routes.candidates(cp.role_id))
+        self.link: ConnectorLink | None = None
+        self.stream: TunnelStream | None = None
+        self.over = False
+        self.starting = False
+
+    def start(self) -> None:
+        self.starting = True  # an answer known at once is delivered from the loop
+        try:
+            self._next()
+        finally:
+            self.starting = False
+
+    def waiting_in(self) -> str:
+        link = self.link
+        return f"_Exchange: the response head of message {self.message_id} from {link.name if link else '?'}"
+
+    def abandon(self) -> None:
+        """The client went away: reset the stream, or the answer is buffered here unread
+        and its credit never returned."""
+        self._end()
+        if self.stream is not None:
+            self.stream.reset(ErrorCode.CANCEL, "client went away")
+
+    def _next(self) -> None:
+        handler, request = self.handler, self.request
+        for candidate in self.candidates:
+            try:
+                stream = candidate.session.open_stream_now(request.method, request.raw_path, self.headers)
+            except (DrainingError, TooManyStreamsError, TunnelClosedError) as exc:
+                handler._log.info("Connection point %s cannot take message %s: %s",
+                                  candidate.name, self.message_id, exc.__class__.__name__)
+                continue
+            self.link, self.stream = candidate, stream
+            stream.when_answered(self._answered, handler._config.response_timeout)
+            return
+        self.link = self.stream = None
+        self._finish(handler._refuse(request, errors.SERVICE_UNAVAILABLE,
+                                     f"no connection point can take role {self.cp.role_id} now"))
+
+    async def _relayed(self, relay: Awaitable[Response]) -> Response:
+        try:
+            return await relay
+        finally:
+            self.handler._untrack(self)
+
+    def _answered(self, timed_out: bool) -> None:
+        stream, link = self.stream, self.link
+        if self.over or stream is None or link is None:
+            return
+        handler, request, cp, message_id = self.handler, self.request, self.cp, self.message_id
+        if timed_out:
+            timeout = handler._config.response_timeout
+            stream.reset(ErrorCode.CANCEL, "no response head in time")
+            self._finish(handler._failed(request, cp, self.began, errors.GATEWAY_TIMEOUT,
+                                         f"no answer to message {message_id} from {link.name} "
+                                         f"within {timeout:g} s", link))
+            return
+        try:
+            head = stream.response_now()
+        except StreamResetError as exc:
+            if exc.code is ErrorCode.REFUSED_STREAM:
+                handler._log.info("Connection point %s refused message %s; trying the next", link.name, message_id)
+                self._next()
+                return
+            self._finish(handler._failed(request, cp, self.began, _error_for(exc.code),
+                                         f"message {message_id} reset by {link.name}: {exc}", link))
+            return
+        except TunnelClosedError:
+            if self.safe or not stream.head_sent:
+                handler._log.info("Tunnel to %s closed before message %s was answered; trying the next",
+                                  link.name, message_id)
+                self._next()
+                return
+            self._finish(handler._failed(request, cp, self.began, errors.BAD_GATEWAY,
+                                         f"tunnel to {link.name} closed during message {message_id}", link))
+            return
+        whole = handler._whole(request, cp, link, stream, head, self.began, 0)
+        self._finish(whole if whole is not None else
+                     handler._relay(request, cp, link, stream, None, head, self.began, 0))
+
+    def _end(self) -> None:
+        self.over = True
+        self.handler._untrack(self)  # when begin() tracked it; a no-op otherwise
+
+    def _finish(self, result: WholeResponse | Awaitable[Response]) -> None:
+        self.over = True
+        if isinstance(result, WholeResponse):
+            self.handler._untrack(self)
+        else:  # in flight until the streamed response is relayed
+            result = self._relayed(result)
+        if self.starting:
+            asyncio.get_running_loop().call_soon(self.deliver, result)
+        else:
+            self.deliver(result)
 
 
 def _xml(text: str) -> WholeResponse:

@@ -107,6 +107,10 @@ class TunnelStream:
         self._read_error: TunnelError | None = None
         self._write_error: TunnelError | None = None
         self._reset_code: ErrorCode | None = None
+        # A waiter without a task (gateway side, see when_answered), and the generation
+        # of the session's output that carries this stream's head (see head_sent).
+        self._on_answer: Callable[[bool], None] | None = None
+        self._head_gen = 0
         if request is not None and request.end_stream:
             self._eof = True
 
@@ -122,6 +126,34 @@ class TunnelStream:
     def done(self) -> bool:
         """Whether the stream is over on the wire (both ends finished, reset, or tunnel gone)."""
         return not self._session.protocol.stream_is_open(self.stream_id)
+
+    @property
+    def head_sent(self) -> bool:
+        """Gateway side: whether the request head was handed to the websocket (a request
+        whose tunnel died before that went nowhere, and may go to another tunnel)."""
+        return self._session._sent_gen >= self._head_gen
+
+    def when_answered(self, callback: Callable[[bool], None], timeout: float | None = None) -> None:
+        """Gateway side, without a task: ``callback(timed_out)`` runs once, from the event
+        loop, when the response head came or the stream failed (then ``False``), or when
+        ``timeout`` seconds passed first (``True``; the stream stays open).
+        :meth:`response_now` then says which. Replaces any callback set before."""
+        session = self._session
+        if self._response is not None or self._read_error is not None:
+            asyncio.get_running_loop().call_soon(callback, False)
+            return
+        self._on_answer = callback
+        if timeout is not None:
+            session._set_deadline(self, asyncio.get_running_loop().time() + timeout)
+
+    def response_now(self) -> ResponseReceived:
+        """The response head, once :meth:`when_answered` called back without a timeout;
+        raises what ended the stream before it (StreamResetError, TunnelClosedError)."""
+        if self._response is not None:
+            return self._response
+        if self._read_error is not None:
+            raise self._read_error
+        raise RuntimeError(f"{self!r} has no response head yet")
 
     async def response(self, timeout: float | None = None) -> ResponseReceived:
         """Gateway side: wait for the response head, at most ``timeout`` seconds.
@@ -274,6 +306,16 @@ class TunnelStream:
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        elif self._on_answer is not None:
+            self._answer(False)
+
+    def _answer(self, timed_out: bool) -> None:
+        """Call the when_answered callback back, from the loop: after the whole tunnel
+        message was handled (a response's body and end come after its head)."""
+        callback, self._on_answer = self._on_answer, None
+        assert callback is not None
+        self._session._deadlines.pop(self, None)
+        asyncio.get_running_loop().call_soon(callback, timed_out)
 
     def _wake_writer(self) -> None:
         waiter = self._credit_waiter
@@ -451,12 +493,7 @@ class TunnelSession:
         the request went nowhere (and may send it elsewhere, body and all).
         Raises DrainingError, TooManyStreamsError, LocalProtocolError, TunnelClosedError.
         """
-        if self.closed:
-            raise TunnelClosedError(self.close_reason or "the tunnel is closed")
-        stream_id = self.protocol.open_stream(method, target, headers, end_stream)
-        stream = TunnelStream(self, stream_id)
-        self._streams[stream_id] = stream
-        self.logger.debug("%s: opened stream %d: %s %s", self.name, stream_id, method, target)
+        stream = self._open(method, target, headers, end_stream)
         try:
             if wait_sent:
                 await self._sent()
@@ -467,6 +504,32 @@ class TunnelSession:
             # an answer to a head that went out anyway is buffered unread for good.
             stream.reset(ErrorCode.CANCEL, "request abandoned")
             raise
+        return stream
+
+    def open_stream_now(self, method: str, target: str, headers: Headers) -> TunnelStream:
+        """Gateway side, without a task: send a request without a body on a new stream.
+
+        The head is queued and goes out by the end of the turn, as with ``open_stream``
+        (:attr:`TunnelStream.head_sent` says later whether it left); wait for the answer
+        with :meth:`TunnelStream.when_answered`.
+        Raises DrainingError, TooManyStreamsError, LocalProtocolError, TunnelClosedError.
+        """
+        stream = self._open(method, target, headers, True)
+        try:
+            self._queue_flush(stream)
+        except TunnelClosedError:
+            stream.reset(ErrorCode.CANCEL, "request abandoned")
+            raise
+        return stream
+
+    def _open(self, method: str, target: str, headers: Headers, end_stream: bool) -> TunnelStream:
+        if self.closed:
+            raise TunnelClosedError(self.close_reason or "the tunnel is closed")
+        stream_id = self.protocol.open_stream(method, target, headers, end_stream)
+        stream = TunnelStream(self, stream_id)
+        stream._head_gen = self._queued_gen + 1  # the generation of the next _kick
+        self._streams[stream_id] = stream
+        self.logger.debug("%s: opened stream %d: %s %s", self.name, stream_id, method, target)
         return stream
 
     async def drain(self) -> None:
@@ -552,6 +615,12 @@ class TunnelSession:
 
         Raises TunnelClosedError once the writer has stopped.
         """
+        generation = self._queue_flush(ended)
+        if self.protocol.pending_output >= FLUSH_AHEAD:
+            await self._wait_sent(generation)
+
+    def _queue_flush(self, ended: TunnelStream | None) -> int:
+        """What :meth:`_flush` does without waiting: the generation of what was queued."""
         generation = self._kick()
         if self._send_handle is not None and self.protocol.pending_output >= SEND_EARLY:
             self._send_queued()
@@ -561,8 +630,7 @@ class TunnelSession:
                 self._send_queued()
         if self._writer_done:
             raise TunnelClosedError(self.close_reason or "the tunnel is closed")
-        if self.protocol.pending_output >= FLUSH_AHEAD:
-            await self._wait_sent(generation)
+        return generation
 
     async def _sent(self) -> None:
         """Wait until everything queued so far was handed to the websocket."""
@@ -799,6 +867,8 @@ class TunnelSession:
             waiter = stream._read_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_exception(TimeoutError())
+            elif stream._on_answer is not None:
+                stream._answer(True)
         if deadlines:
             self._deadline_at = min(deadlines.values())
             self._deadline_timer = loop.call_at(self._deadline_at, self._expire_deadlines)

@@ -904,3 +904,106 @@ async def test_streamed_body_off_its_content_length_is_cut_off(case: str) -> Non
     assert len(failures) == 1
     assert data.count(b"HTTP/1.") <= 1
     assert len(data.partition(b"\r\n\r\n")[2]) < 10
+
+
+# --- 14. requests taken without a task (handler.begin) ---
+
+class BeginHandler:
+    """Takes requests without a body (``begin``) and answers them from a later loop turn,
+    as the gateway's proxy does; the rest go to ``__call__`` in a task."""
+
+    def __init__(self, answer: Callable[[ClientRequest], object] | None = None) -> None:
+        self.begun: list[str] = []
+        self.called: list[str] = []
+        self.abandoned: list[str] = []
+        self.pending: list[ClientRequest] = []
+        self.answer = answer or (lambda req: WholeResponse(200, "OK", [(b"X-Begun", b"1")], req.raw_path.encode()))
+        self.hold = False
+
+    async def __call__(self, req: ClientRequest) -> WholeResponse:
+        self.called.append(req.raw_path)
+        return await echo(req)
+
+    def begin(self, req: ClientRequest) -> bool:
+        if req.body_exists or req.raw_path.startswith("/task"):
+            return False
+        self.begun.append(req.raw_path)
+        req.on_abandon = lambda: self.abandoned.append(req.raw_path)
+        if self.hold:
+            self.pending.append(req)
+        else:
+            asyncio.get_running_loop().call_soon(lambda: req.respond(self.answer(req)))  # type: ignore[arg-type]
+        return True
+
+
+async def test_begin_takes_bodiless_requests_and_the_rest_go_to_a_task() -> None:
+    handler = BeginHandler()
+    async with serve(handler) as s:  # type: ignore[arg-type]
+        reader, writer = await s.connect()
+        writer.write(request("GET", "/a") + request("POST", "/b", body=b"body") + request("GET", "/task")
+                     + request("HEAD", "/c"))
+        a = await read_answer(reader)
+        b = await read_answer(reader)
+        t = await read_answer(reader)
+        c = await read_answer(reader, to_head=True)
+        assert (a.body, a.header(b"x-begun")) == (b"/a", b"1")
+        assert (b.body, b.header(b"x-method")) == (b"body", b"POST")
+        assert t.header(b"x-path") == b"/task" and t.header(b"x-begun") is None
+        assert c.status == 200 and c.header(b"content-length") == b"2" and c.body == b""
+        assert handler.begun == ["/a", "/c"] and handler.called == ["/b", "/task"]
+        assert handler.abandoned == []
+
+
+async def test_begin_can_hand_a_streamed_answer_to_a_task() -> None:
+    async def streamed(req: ClientRequest) -> StreamedResponse:
+        resp = StreamedResponse(200, "OK", [])
+        await resp.prepare(req)
+        for part in (b"one ", b"two"):
+            await resp.write(part)
+        await resp.write_eof()
+        return resp
+
+    handler = BeginHandler(lambda req: streamed(req))
+    async with serve(handler) as s:  # type: ignore[arg-type]
+        reader, writer = await s.connect()
+        writer.write(request("GET", "/s1") + request("GET", "/s2"))
+        for _ in range(2):
+            answer = await read_answer(reader)
+            assert answer.body == b"one two" and answer.header(b"transfer-encoding") == b"chunked"
+
+
+async def test_a_client_that_goes_away_abandons_a_request_taken_without_a_task() -> None:
+    handler = BeginHandler()
+    handler.hold = True
+    async with serve(handler) as s:  # type: ignore[arg-type]
+        reader, writer = await s.connect()
+        writer.write(request("GET", "/held"))
+        while not handler.pending:
+            await asyncio.sleep(0.01)
+        writer.transport.abort()
+        while s.server.connections:
+            await asyncio.sleep(0.01)
+        assert handler.abandoned == ["/held"]
+        # An answer that comes after is dropped quietly; a coroutine is closed unawaited.
+        handler.pending[0].respond(WholeResponse(200, "OK", [], b"late"))
+
+        async def never() -> WholeResponse:
+            raise AssertionError("awaited")
+
+        handler.pending[0].respond(never())
+
+
+async def test_a_whole_answer_the_client_does_not_read_holds_the_next_request() -> None:
+    """Answered without a task, a response the client does not read still stops the
+    connection: the next pipelined request is taken only once the answer has drained."""
+    big = os.urandom(8 * 1024 * 1024)
+    handler = BeginHandler(lambda req: WholeResponse(200, "OK", [], big))
+    async with serve(handler) as s:  # type: ignore[arg-type]
+        reader, writer = await s.connect()
+        writer.write(request("GET", "/first") + request("GET", "/second"))
+        await asyncio.sleep(0.3)
+        assert handler.begun == ["/first"]  # the first answer is stuck in the client's window
+        first = await read_answer(reader)
+        second = await read_answer(reader)
+        assert first.body == big and second.body == big
+        assert handler.begun == ["/first", "/second"]

@@ -726,3 +726,71 @@ async def test_a_complete_response_stays_readable_when_the_peer_then_resets_the_
     finally:
         await gateway.close()
         await asyncio.wait_for(run, 10)
+
+
+async def _answered(stream: TunnelStream, timeout: float | None = None) -> bool:
+    """when_answered, turned into an awaitable for the test: the timed_out flag."""
+    fired: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    stream.when_answered(fired.set_result, timeout)
+    return await asyncio.wait_for(fired, 5)
+
+
+async def test_open_stream_now_and_when_answered_without_a_task() -> None:
+    body = b"x" * 3000
+
+    async def handler(stream: TunnelStream) -> None:
+        await stream.send_response(200, "OK", [(b"Content-Length", b"3000")], end_stream=True, body=body)
+
+    async with session_pair(handler) as pair:
+        stream = pair.gateway.open_stream_now("GET", "/now", [])
+        with pytest.raises(RuntimeError):
+            stream.response_now()
+        assert await _answered(stream, 5) is False
+        assert stream.head_sent
+        assert stream.response_now().status == 200
+        # Called back after the whole message: the body and its end are here with the head.
+        assert stream.buffered_body() == body
+        # Asked again once answered: called back at once (from the loop).
+        assert await _answered(stream) is False
+        assert pair.gateway.open_streams == 0
+
+
+async def test_when_answered_times_out_and_leaves_the_stream_open() -> None:
+    release = asyncio.Event()
+
+    async def slow(stream: TunnelStream) -> None:
+        await release.wait()
+        await stream.send_response(204, "No Content", [], end_stream=True)
+
+    async with session_pair(slow) as pair:
+        stream = pair.gateway.open_stream_now("GET", "/slow", [])
+        assert await _answered(stream, 0.05) is True
+        assert not stream.done
+        assert not pair.gateway._deadlines  # the deadline went with the callback
+        release.set()
+        assert await _answered(stream, 5) is False
+        assert stream.response_now().status == 204
+
+
+async def test_when_answered_reports_a_reset_and_a_closed_tunnel() -> None:
+    async def refuse(stream: TunnelStream) -> None:
+        stream.reset(ErrorCode.REFUSED_STREAM, "not now")
+
+    async with session_pair(refuse) as pair:
+        stream = pair.gateway.open_stream_now("GET", "/refused", [])
+        assert await _answered(stream, 5) is False
+        with pytest.raises(StreamResetError) as info:
+            stream.response_now()
+        assert info.value.code is ErrorCode.REFUSED_STREAM
+
+    async with session_pair() as pair:
+        ws = pair.gateway.websocket
+        assert isinstance(ws, MemoryWebSocket)
+        ws.broken = True
+        stream = pair.gateway.open_stream_now("GET", "/never-sent", [])
+        assert await _answered(stream, 5) is False
+        with pytest.raises(TunnelClosedError):
+            stream.response_now()
+        assert not stream.head_sent  # it went nowhere: another tunnel may take it
+        with pytest.raises(TunnelClosedError):
+            pair.gateway.open_stream_now("GET", "/after", [])
