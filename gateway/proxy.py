@@ -625,7 +625,8 @@ class _Exchange:
     def abandon(self) -> None:
         """The client went away: reset the stream, or the answer is buffered here unread
         and its credit never returned."""
-        self._end()
+        self.over = True
+        self.handler._untrack(self)  # when begin() tracked it; a no-op otherwise
         if self.stream is not None:
             self.stream.reset(ErrorCode.CANCEL, "client went away")
 
@@ -685,10 +686,6 @@ class _Exchange:
         whole = handler._whole(request, cp, link, stream, head, self.began, 0)
         self._finish(whole if whole is not None else
                      handler._relay(request, cp, link, stream, None, head, self.began, 0))
-
-    def _end(self) -> None:
-        self.over = True
-        self.handler._untrack(self)  # when begin() tracked it; a no-op otherwise
 
     def _finish(self, result: WholeResponse | Awaitable[Response]) -> None:
         self.over = True
