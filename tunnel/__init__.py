@@ -2,8 +2,8 @@
 
 A pure protocol core (:mod:`tunnel.frames`, :mod:`tunnel.protocol`: bytes in, events
 and bytes out, no I/O) and a thin asyncio driver (:mod:`tunnel.session`) that runs it
-over any websocket-like object. The core runs compiled by mypyc when a build for these
-very sources exists (:mod:`tunnel.compiled`), else as Python.
+over any websocket-like object. Both run compiled by mypyc when a build for these very
+sources exists (:mod:`tunnel.compiled`), else as Python.
 """
 
 from . import compiled as _compiled

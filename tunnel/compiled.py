@@ -1,10 +1,13 @@
-"""The tunnel's pure core compiled to C by mypyc: building it, and using it only when it
-was built from exactly the sources on disk.
+"""The tunnel's core and its asyncio driver compiled to C by mypyc: building them, and
+using the build only when it was built from exactly the sources on disk.
 
-The core (:data:`MODULES`: frames, protocol, events and what they import) is plain,
-fully typed Python (``mypy --strict``), which mypyc compiles as it is: the same code, the
-same behaviour, about twice as fast (one request's round trip through both ends of the
-protocol, in process: 54 -> 29 us; see docs/performance.md). Nothing depends on the
+The compiled modules (:data:`MODULES`: frames, protocol, events and what they import, and
+the driver, session) are plain, fully typed Python (``mypy --strict``), which mypyc
+compiles as it is: the same code, the same behaviour, faster (the core about twice: one
+request's round trip through both ends of the protocol, in process: 54 -> 29 us; the
+driver too: a few per cent of each process's CPU per request; see docs/performance.md). One rule
+for the driver: no ``await`` in a ``finally`` clause (compiled, one re-raised a stale
+exception; ``tests/tunnel/test_session.py``). Nothing depends on the
 compiled build: without it (no C compiler, no mypy, ``CMG_PURE_PYTHON=1``, or sources
 edited since the build) the same modules run as Python.
 
@@ -28,8 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-#: The compiled modules: the protocol core and the modules it imports (no I/O, no asyncio).
-MODULES = ("codes", "errors", "limits", "events", "frames", "protocol")
+#: The compiled modules: the protocol core and the modules it imports (no I/O, no
+#: asyncio), and the asyncio driver that runs it over a websocket.
+MODULES = ("codes", "errors", "limits", "events", "frames", "protocol", "session")
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: Set to 1 to run the pure-Python core even when a build exists.
 PURE_ENV = "CMG_PURE_PYTHON"

@@ -460,10 +460,15 @@ class TunnelSession:
         attach = getattr(self.websocket, "attach_receiver", None)
         if attach is not None:
             attach(self._deliver)
+        # No await in a finally clause: compiled by mypyc, one re-raised a stale exception.
+        failure: BaseException | None = None
         try:
             await asyncio.wait({reader})
-        finally:
-            await self._shutdown(reader, writer, pinger)
+        except BaseException as exc:
+            failure = exc
+        await self._shutdown(reader, writer, pinger)
+        if failure is not None:
+            raise failure
 
     async def wait_hello(self) -> HelloReceived:
         """Gateway side: wait for the connector's HELLO. Raises TunnelClosedError."""
@@ -973,21 +978,25 @@ class TunnelSession:
         self._fail_streams()
         pinger.cancel()
         self._kick()
+        failure: BaseException | None = None
         try:
             await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT)
-        finally:
-            tasks: list[asyncio.Task[None]] = [reader, writer, pinger, *self._handlers]
-            if self._watchdog is not None:
-                tasks.append(self._watchdog)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._close_websocket()
-            self._writer_done = True
-            self._notify_progress()
-            self._stop_deadline_timer()
-            self._closed_event.set()
-            self.logger.info("%s: tunnel closed: %s", self.name, self.close_reason)
+        except BaseException as exc:
+            failure = exc
+        tasks: list[asyncio.Task[None]] = [reader, writer, pinger, *self._handlers]
+        if self._watchdog is not None:
+            tasks.append(self._watchdog)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close_websocket()
+        self._writer_done = True
+        self._notify_progress()
+        self._stop_deadline_timer()
+        self._closed_event.set()
+        self.logger.info("%s: tunnel closed: %s", self.name, self.close_reason)
+        if failure is not None:
+            raise failure
 
 
 def _coalesce(frames: list[bytes]) -> list[bytes]:

@@ -81,21 +81,22 @@ def test_only_the_newest_builds_are_kept(tmp_path) -> None:
 
 @pytest.mark.parametrize("pure", [True, False], ids=["pure", "compiled"])
 def test_the_core_tests_pass_both_ways(pure: bool) -> None:
-    """The frame and protocol tests in a process of their own, as Python and as built."""
+    """The frame, protocol and session tests in a process of their own, as Python and as built."""
     env = dict(os.environ)
     env.pop(compiled.PURE_ENV, None)
     if pure:
         env[compiled.PURE_ENV] = "1"
     elif compiled.build() is None:
         pytest.skip("no mypyc build here (mypy or a C compiler missing): the core runs as Python")
-    probe = subprocess.run([sys.executable, "-c", "import tunnel.compiled as c, tunnel.frames as f; "
-                            "print(c.active, f.__file__)"], env=env, cwd=ROOT, capture_output=True, text=True)
-    active, where = probe.stdout.split()
+    probe = subprocess.run([sys.executable, "-c", "import tunnel.compiled as c, tunnel.frames as f, "
+                            "tunnel.session as s; print(c.active, f.__file__, s.__file__)"],
+                           env=env, cwd=ROOT, capture_output=True, text=True)
+    active, *where = probe.stdout.split()
     assert active == str(not pure)
-    assert where.endswith(".py" if pure else SUFFIX)
+    assert all(path.endswith(".py" if pure else SUFFIX) for path in where), where
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              "tests/tunnel/test_frames.py", "tests/tunnel/test_protocol.py",
-                             "tests/tunnel/test_properties.py"],
+                             "tests/tunnel/test_properties.py", "tests/tunnel/test_session.py"],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

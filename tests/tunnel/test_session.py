@@ -505,6 +505,24 @@ async def test_cancelling_run_closes_everything() -> None:
     assert gateway.closed and gateway_ws.closed
 
 
+async def test_a_cancelled_run_leaves_nothing_behind_for_the_next_session() -> None:
+    """Compiled by mypyc, a coroutine that awaited in a ``finally`` clause re-raised, later
+    and in another session's ``run()``, the CancelledError of one cancelled before: the
+    next tunnel's clean close failed. The driver has no await in a finally clause."""
+    for _ in range(3):
+        gateway_ws, _ = memory_pair()
+        cancelled = TunnelSession(TunnelProtocol(Role.GATEWAY), gateway_ws)
+        run = asyncio.create_task(cancelled.run())
+        await asyncio.sleep(0.01)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        async with session_pair() as pair:
+            assert await exchange(pair.gateway, "/echo", b"after a cancelled tunnel") == b"after a cancelled tunnel"
+        for task in pair.tasks:
+            assert task.done() and not task.cancelled() and task.exception() is None
+
+
 # -- versions ----------------------------------------------------------------------------
 
 
