@@ -12,9 +12,11 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from cmg.exchange_metrics import ExchangeCounts, ExchangeMetrics
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -33,31 +35,27 @@ class ConnectorTraffic:
         self.name = name
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["connection_point", "role", "endpoint"]
-        self.requests = Counter("cmg_connector_requests_total", "Requests forwarded to the site, per endpoint",
-                                labels, registry=self.registry)
-        self.failed = Counter("cmg_connector_failed_requests_total",
-                              "Requests the site failed (5xx, no answer, timeout), per endpoint",
-                              labels, registry=self.registry)
-        self.request_bytes = Counter("cmg_connector_request_bytes_total", "Request body bytes sent to the site",
-                                     labels, registry=self.registry)
-        self.response_bytes = Counter("cmg_connector_response_bytes_total", "Response body bytes from the site",
-                                      labels, registry=self.registry)
-        self.latency = Histogram("cmg_connector_request_duration_seconds", "Time to forward a request and its answer",
-                                 labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        # Per endpoint, kept as plain numbers until scraped (cmg.exchange_metrics).
+        self.exchanges = ExchangeMetrics({
+            "requests": ("cmg_connector_requests_total", "Requests forwarded to the site, per endpoint"),
+            "failed": ("cmg_connector_failed_requests_total",
+                       "Requests the site failed (5xx, no answer, timeout), per endpoint"),
+            "request_bytes": ("cmg_connector_request_bytes_total", "Request body bytes sent to the site"),
+            "response_bytes": ("cmg_connector_response_bytes_total", "Response body bytes from the site"),
+            "duration": ("cmg_connector_request_duration_seconds", "Time to forward a request and its answer"),
+        }, labels, LATENCY_BUCKETS)
+        self.registry.register(self.exchanges)
         self.reconnects = Counter("cmg_connector_tunnel_connects_total", "Tunnels opened to each instance",
                                   ["connection_point", "instance"], registry=self.registry)
         self.in_flight = 0
         self._window: dict[str, _Window] = {}
-        self._children: dict[tuple[str, str], tuple[object, ...]] = {}
+        self._children: dict[tuple[int, str], ExchangeCounts] = {}
 
-    def _labels(self, role_id: int, endpoint: str) -> tuple[object, ...]:
-        key = (str(role_id), endpoint.lower())
+    def _labels(self, role_id: int, endpoint: str) -> ExchangeCounts:
+        key = (role_id, endpoint)
         found = self._children.get(key)
         if found is None:
-            labels = (self.name, *key)
-            found = self._children[key] = (
-                self.requests.labels(*labels), self.failed.labels(*labels), self.request_bytes.labels(*labels),
-                self.response_bytes.labels(*labels), self.latency.labels(*labels))
+            found = self._children[key] = self.exchanges.labels(self.name, str(role_id), endpoint.lower())
         return found
 
     def begin(self, endpoint: str, bearer: bool) -> None:
@@ -79,15 +77,7 @@ class ConnectorTraffic:
             w.concurrent -= 1
             if not ok:
                 w.failed += 1
-        requests, failed, req_b, resp_b, latency = self._labels(role_id, endpoint)
-        requests.inc()  # type: ignore[attr-defined]
-        if not ok:
-            failed.inc()  # type: ignore[attr-defined]
-        if request_bytes:
-            req_b.inc(request_bytes)  # type: ignore[attr-defined]
-        if response_bytes:
-            resp_b.inc(response_bytes)  # type: ignore[attr-defined]
-        latency.observe(seconds)  # type: ignore[attr-defined]
+        self._labels(role_id, endpoint).add(ok, request_bytes, response_bytes, seconds)
 
     def report(self, log: logging.Logger) -> None:
         """One ProxyTrafficStateDetails line per endpoint with traffic since the last report."""

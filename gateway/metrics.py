@@ -1,7 +1,7 @@
 """Prometheus metrics of one gateway instance (prometheus-client).
 
 Per endpoint (role id + published endpoint, a bounded set): requests, bytes each way,
-latency histogram. Errors by the CMG's error string. Scraped at collection time from
+latency histogram (kept as plain numbers until scraped: :mod:`cmg.exchange_metrics`). Errors by the CMG's error string. Scraped at collection time from
 the live state: streams in flight, tunnels per connection point, tunnel RTT, active
 streams per tunnel. Label sets stay bounded whatever clients send: a path that is not a
 published endpoint counts as endpoint "-".
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cmg.exchange_metrics import ExchangeCounts, ExchangeMetrics
 from cmg.paths import parse_client_path
 
 if TYPE_CHECKING:
@@ -29,43 +30,34 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["instance", "role", "endpoint"]
         self.instance = str(instance)
-        self.requests = Counter("cmg_gateway_requests_total", "Requests forwarded or failed, per endpoint",
-                                labels, registry=self.registry)
-        self.request_bytes = Counter("cmg_gateway_request_bytes_total", "Request body bytes sent to the site",
-                                     labels, registry=self.registry)
-        self.response_bytes = Counter("cmg_gateway_response_bytes_total", "Response body bytes sent to clients",
-                                      labels, registry=self.registry)
-        self.latency = Histogram("cmg_gateway_request_duration_seconds", "Time from request to the end of the response",
-                                 labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.exchanges = ExchangeMetrics({
+            "requests": ("cmg_gateway_requests_total", "Requests forwarded or failed, per endpoint"),
+            "request_bytes": ("cmg_gateway_request_bytes_total", "Request body bytes sent to the site"),
+            "response_bytes": ("cmg_gateway_response_bytes_total", "Response body bytes sent to clients"),
+            "duration": ("cmg_gateway_request_duration_seconds", "Time from request to the end of the response"),
+        }, labels, LATENCY_BUCKETS)
+        self.registry.register(self.exchanges)
         self.errors = Counter("cmg_gateway_errors_total", "Answers with a CMG error, by error string",
                               ["instance", "error"], registry=self.registry)
         self.tunnel_connects = Counter("cmg_gateway_tunnel_connects_total",
                                        "Tunnels accepted from each connection point (reconnects included)",
                                        ["instance", "connection_point"], registry=self.registry)
-        self._children: dict[str, tuple[object, object, object, object]] = {}
+        self._children: dict[str, ExchangeCounts] = {}
 
-    def _endpoint(self, path: str) -> tuple[object, object, object, object]:
+    def _endpoint(self, path: str) -> ExchangeCounts:
         key = path.partition("?")[0]
         found = self._children.get(key)
         if found is not None:
             return found
         cp = parse_client_path(key)
         role, endpoint = ("-", "-") if cp is None or cp.role_id is None else (str(cp.role_id), cp.resource.lower())
-        labels = (self.instance, role, endpoint)
-        found = (self.requests.labels(*labels), self.request_bytes.labels(*labels),
-                 self.response_bytes.labels(*labels), self.latency.labels(*labels))
+        found = self.exchanges.labels(self.instance, role, endpoint)
         if len(self._children) < 4096:  # paths with GUIDs would grow this: cache only so many
             self._children[key] = found
         return found
 
     def observe(self, path: str, request_bytes: int, response_bytes: int | None, seconds: float) -> None:
-        requests, req_bytes, resp_bytes, latency = self._endpoint(path)
-        requests.inc()  # type: ignore[attr-defined]
-        if request_bytes:
-            req_bytes.inc(request_bytes)  # type: ignore[attr-defined]
-        if response_bytes:
-            resp_bytes.inc(response_bytes)  # type: ignore[attr-defined]
-        latency.observe(seconds)  # type: ignore[attr-defined]
+        self._endpoint(path).add(True, request_bytes, response_bytes or 0, seconds)
 
     def error(self, name: str) -> None:
         self.errors.labels(self.instance, name).inc()
