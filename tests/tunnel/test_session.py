@@ -494,14 +494,19 @@ async def test_peer_close_is_reported() -> None:
             await pair.gateway.open_stream("GET", "/", [])
 
 
-async def test_cancelling_run_closes_everything() -> None:
-    gateway_ws, connector_ws = memory_pair()
+async def _cancel_a_running_session() -> tuple[TunnelSession, MemoryWebSocket]:
+    gateway_ws, _ = memory_pair()
     gateway = TunnelSession(TunnelProtocol(Role.GATEWAY), gateway_ws)
     run = asyncio.create_task(gateway.run())
     await asyncio.sleep(0.01)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
+    return gateway, gateway_ws
+
+
+async def test_cancelling_run_closes_everything() -> None:
+    gateway, gateway_ws = await _cancel_a_running_session()
     assert gateway.closed and gateway_ws.closed
 
 
@@ -510,13 +515,7 @@ async def test_a_cancelled_run_leaves_nothing_behind_for_the_next_session() -> N
     and in another session's ``run()``, the CancelledError of one cancelled before: the
     next tunnel's clean close failed. The driver has no await in a finally clause."""
     for _ in range(3):
-        gateway_ws, _ = memory_pair()
-        cancelled = TunnelSession(TunnelProtocol(Role.GATEWAY), gateway_ws)
-        run = asyncio.create_task(cancelled.run())
-        await asyncio.sleep(0.01)
-        run.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await run
+        await _cancel_a_running_session()
         async with session_pair() as pair:
             assert await exchange(pair.gateway, "/echo", b"after a cancelled tunnel") == b"after a cancelled tunnel"
         for task in pair.tasks:
