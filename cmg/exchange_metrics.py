@@ -3,8 +3,8 @@
 The gateway and the connection point count every exchange per endpoint: requests (and,
 at the connection point, failures), body bytes each way, and a latency histogram.
 prometheus-client's ``Counter`` and ``Histogram`` take a lock and several calls per
-update, 2.6 us per request in the gateway and 3.2 in the connection point (docs/
-performance.md). Both processes update their metrics from one thread, the event loop's,
+update: 2.6 us per request in the gateway and 3.2 in the connection point
+(docs/performance.md, "Ninth round"). Both processes update their metrics from one thread, the event loop's,
 so here one exchange is one call that adds to plain attributes, and a ``Collector``
 turns the totals into the same families when ``/metrics`` is scraped. The families are
 prometheus-client's own (``CounterMetricFamily``, ``HistogramMetricFamily``), so the

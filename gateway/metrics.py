@@ -1,9 +1,10 @@
 """Prometheus metrics of one gateway instance (prometheus-client).
 
 Per endpoint (role id + published endpoint, a bounded set): requests, bytes each way,
-latency histogram (kept as plain numbers until scraped: :mod:`cmg.exchange_metrics`). Errors by the CMG's error string. Scraped at collection time from
-the live state: streams in flight, tunnels per connection point, tunnel RTT, active
-streams per tunnel. Label sets stay bounded whatever clients send: a path that is not a
+latency histogram (kept as plain numbers until scraped: :mod:`cmg.exchange_metrics`).
+Errors by the CMG's error string. Scraped at collection time from the live state:
+streams in flight, tunnels per connection point, tunnel RTT, active streams per tunnel.
+Label sets stay bounded whatever clients send: a path that is not a
 published endpoint counts as endpoint "-".
 """
 

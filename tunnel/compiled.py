@@ -5,9 +5,9 @@ The compiled modules (:data:`MODULES`: frames, protocol, events and what they im
 the driver, session) are plain, fully typed Python (``mypy --strict``), which mypyc
 compiles as it is: the same code, the same behaviour, faster (the core about twice: one
 request's round trip through both ends of the protocol, in process: 54 -> 29 us; the
-driver too: a few per cent of each process's CPU per request; see docs/performance.md). One rule
-for the driver: no ``await`` in a ``finally`` clause (compiled, one re-raised a stale
-exception; ``tests/tunnel/test_session.py``). Nothing depends on the
+driver a few per cent of each process's CPU per request; see docs/performance.md). One
+rule for the driver: no ``await`` in a ``finally`` clause (compiled, one re-raised a
+stale exception; ``tests/tunnel/test_session.py``). Nothing depends on the
 compiled build: without it (no C compiler, no mypy, ``CMG_PURE_PYTHON=1``, or sources
 edited since the build) the same modules run as Python.
 
