@@ -21,6 +21,7 @@ import ssl
 import time
 from collections import deque
 from functools import lru_cache
+from collections.abc import Awaitable, Callable
 from typing import Any
 from yarl import URL
 
@@ -92,6 +93,10 @@ class _Conn(asyncio.Protocol):
         self.buffered = 0
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
+        # Or, for an exchange without a task (_Exchange.start_now), called from the loop
+        # (never from inside the parser) after progress.
+        self.on_progress: Callable[[], None] | None = None
+        self._progress_due = False
         self.reading_paused = False
         self.received_any = False
         self.last_activity = self.loop.time()
@@ -206,6 +211,15 @@ class _Conn(asyncio.Protocol):
             self.waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        elif self.on_progress is not None and not self._progress_due:
+            self._progress_due = True
+            self.loop.call_soon(self._call_progress)
+
+    def _call_progress(self) -> None:
+        self._progress_due = False
+        on_progress = self.on_progress
+        if on_progress is not None:
+            on_progress()
 
     def _break(self, error: BaseException) -> None:
         if self.error is None:
@@ -241,26 +255,79 @@ class _Conn(asyncio.Protocol):
                 and self.keep_alive)
 
 
+class _Slots:
+    """At most ``limit`` holders at once; the others wait, first come first served."""
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take_now(self) -> bool:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.take_now():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot, then cancelled before taking it
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
 class _Pool:
     """Keep-alive connections per (scheme, host, port), at most ``limit`` in use at once."""
 
     def __init__(self, limit: int) -> None:
-        self._limit = asyncio.Semaphore(limit)
+        self._limit = _Slots(limit)
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._all: set[_Conn] = set()
 
+    def acquire_now(self, key: tuple[str, str, int]) -> _Conn | None:
+        """A kept-alive connection, if one is free at once and the limit allows (no waiting)."""
+        if not self._idle.get(key) or not self._limit.take_now():
+            return None
+        conn = self._idle_conn(key)
+        if conn is None:
+            self._limit.give()
+        return conn
+
+    def _idle_conn(self, key: tuple[str, str, int]) -> _Conn | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.loop.time() - conn.idle_since < _KEEPALIVE_TIMEOUT:
+                return conn
+            self._discard(conn)
+        return None
+
     async def acquire(self, key: tuple[str, str, int], fresh: bool = False) -> _Conn:
-        await self._limit.acquire()
+        await self._limit.take()
         try:
             loop = asyncio.get_running_loop()
-            idle = self._idle.get(key)
-            now = loop.time()
-            while idle and not fresh:
-                conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < _KEEPALIVE_TIMEOUT:
-                    return conn
-                self._discard(conn)
+            conn = None if fresh else self._idle_conn(key)
+            if conn is not None:
+                return conn
             scheme, host, port = key
             ctx = None
             if scheme == "https":
@@ -272,11 +339,11 @@ class _Pool:
             self._all.add(conn)
             return conn
         except BaseException:
-            self._limit.release()
+            self._limit.give()
             raise
 
     def release(self, conn: _Conn, reuse: bool) -> None:
-        self._limit.release()
+        self._limit.give()
         if reuse and conn.reusable():
             conn.used = True
             conn.idle_since = conn.loop.time()
@@ -394,7 +461,10 @@ class Forwarder:
         if self._pool is not None:
             self._pool.close()
 
-    async def handle(self, stream: TunnelStream) -> None:
+    def handle(self, stream: TunnelStream) -> Awaitable[None] | None:
+        """The tunnel session's ``on_request``: a request without a body, when a kept-alive
+        connection to its role is free, is taken without a task (None); anything else
+        returns the coroutine the session runs in a task."""
         req = stream.request
         assert req is not None and self._pool is not None
         start = time.monotonic()
@@ -417,152 +487,285 @@ class Forwarder:
         except UnmappedURL as exc:
             self._log.warning("Refused proxy message %s: %s", message_id, exc)
             stream.reset(ErrorCode.REFUSED_STREAM, "not published")
-            return
+            return None
         traffic = self._traffic
         if traffic is not None:
             traffic.begin(mapped.endpoint, bearer)
-        sent = [0]
-        status, size = 0, 0
-        try:
-            status, size = await self._forward(stream, req, mapped, headers, has_length, message_id, start, sent)
-        finally:
-            if traffic is not None:
-                ok = 0 < status < 500 and stream.reset_code is None
-                traffic.end(mapped.role.role_id, mapped.endpoint, ok, sent[0], size, time.monotonic() - start)
-
-    async def _forward(self, stream: TunnelStream, req: Any, mapped: Any, headers: list[tuple[bytes, bytes]],
-                       has_length: bool, message_id: str, start: float, sent: list[int]) -> tuple[int, int]:
-        """Forward one exchange; (status, response bytes), status 0 when there was no answer."""
         log = self._log
         if log.isEnabledFor(_INFO):
             log_fast(log, _INFO, "Forwarding proxy message %s to URL: %s", message_id, mapped.url)
             log_fast(log, _INFO, "Switched to internal URL. Replaced '%s' with '%s'",
                      mapped.external_prefix, mapped.internal_prefix)
+        exchange = _Exchange(self, stream, req, mapped, headers, has_length, message_id, start)
+        if req.end_stream and exchange.start_now():
+            return None
+        return exchange.run()
 
-        size = 0
-        status = 0
-        status_line = ""
-        conn: _Conn | None = None
-        pump: asyncio.Task[None] | None = None
-        watchdog = self._watchdog
-        watched: _Conn | None = None
-        reuse = False
+
+class _Exchange:
+    """One stream's exchange with its site role, from the request head sent to the role
+    to the response relayed, logged and counted.
+
+    :meth:`run` does all of it in a task. A request without a body that finds a
+    kept-alive connection free (the common case) starts from callbacks instead
+    (:meth:`start_now`): the head goes to the role at once, and when the role's whole
+    answer is in, it is relayed with :meth:`TunnelStream.respond_now`, all without a
+    task, a coroutine or a future. The moment anything would have to wait (an answer
+    still streaming, a role that broke the exchange and the retry on a fresh connection,
+    the watchdog, the stream's credit), the exchange goes on in a task from where it
+    stands (:meth:`TunnelSession.serve` of :meth:`run`), so every rule exists once.
+    """
+
+    __slots__ = ("fwd", "stream", "req", "mapped", "headers", "has_length", "message_id", "start",
+                 "sent", "conn", "reused", "watched", "pump", "first", "size", "status", "status_line",
+                 "reuse", "target")
+
+    def __init__(self, fwd: Forwarder, stream: TunnelStream, req: Any, mapped: Any,
+                 headers: list[tuple[bytes, bytes]], has_length: bool, message_id: str, start: float) -> None:
+        self.fwd = fwd
+        self.stream = stream
+        self.req = req
+        self.mapped = mapped
+        self.headers = headers
+        self.has_length = has_length
+        self.message_id = message_id
+        self.start = start
+        self.sent = [0]
+        self.conn: _Conn | None = None
+        self.reused = False
+        self.watched: _Conn | None = None
+        self.pump: asyncio.Task[None] | None = None
+        self.first: bytes | None = None  # a body taken from the role, not yet relayed
+        self.size = 0
+        self.status = 0
+        self.status_line = ""
+        self.reuse = False
+        self.target: _Target | None = None
+
+    def _send_head(self, conn: _Conn) -> None:
+        """The request head to the role on ``conn`` (and its body's pump), watched."""
+        req = self.req
+        target = self.target
+        assert target is not None and conn.transport is not None
+        method = req.method
+        has_body = not req.end_stream
+        head = [method.encode("ascii"), b" ", target.target, b" HTTP/1.1\r\nHost: ", target.host, b"\r\n"]
+        for k, v in self.headers:
+            head += (k, b": ", v, b"\r\n")
+        chunked = has_body and not self.has_length
+        if chunked:
+            head.append(b"Transfer-Encoding: chunked\r\n")
+        elif not has_body and not self.has_length and method not in _NO_LENGTH_METHODS:
+            head.append(b"Content-Length: 0\r\n")
+        head.append(b"\r\n")
+        self.conn = conn
+        self.reused = conn.used
+        conn._begin(method == "HEAD")
+        conn.transport.write(b"".join(head))
+        if has_body:
+            self.pump = asyncio.ensure_future(self._pump(self.stream, conn, chunked, self.sent))
+        self.fwd._watchdog.watch(conn)
+        self.watched = conn
+
+    # -- without a task ------------------------------------------------------------------
+
+    def start_now(self) -> bool:
+        """Send the head on a free kept-alive connection and go on from callbacks; False
+        (nothing done) when none is free at once."""
+        pool = self.fwd._pool
+        assert pool is not None
         try:
-            target = _target(mapped.url)
-            method = req.method
-            has_body = not req.end_stream
-            head = [method.encode("ascii"), b" ", target.target, b" HTTP/1.1\r\nHost: ", target.host, b"\r\n"]
-            for k, v in headers:
-                head += (k, b": ", v, b"\r\n")
-            chunked = has_body and not has_length
-            if chunked:
-                head.append(b"Transfer-Encoding: chunked\r\n")
-            elif not has_body and not has_length and method not in _NO_LENGTH_METHODS:
-                head.append(b"Content-Length: 0\r\n")
-            head.append(b"\r\n")
-            head_bytes = b"".join(head)
+            self.target = _target(self.mapped.url)
+        except (ValueError, UnicodeError):
+            return False  # run() reports it
+        conn = pool.acquire_now(self.target.key)
+        if conn is None:
+            return False
+        self._send_head(conn)
+        conn.on_progress = self._progress
+        return True
 
-            for attempt in (0, 1):
-                conn = await self._pool.acquire(target.key, fresh=attempt > 0)
-                reused = conn.used
-                conn._begin(method == "HEAD")
-                assert conn.transport is not None
-                conn.transport.write(head_bytes)
-                if has_body:
-                    pump = asyncio.ensure_future(self._pump(stream, conn, chunked, sent))
-                    watchdog.watch(watched := conn)
-                    await self._wait_head(conn, pump)
-                    break
-                watchdog.watch(watched := conn)
+    def _progress(self) -> None:
+        """The role's connection made progress (or failed): relay a whole answer from
+        here, or go on in a task."""
+        conn = self.conn
+        assert conn is not None
+        if conn.error is None and not (conn.head_done and conn.complete):
+            if conn.head_done:  # a body still to come: streamed from a task
+                self._hand_over()
+            return  # a head not yet whole, or only a 1xx: more will come
+        conn.on_progress = None
+        if conn.error is not None:  # the retry, or the error's report, in the task
+            self._hand_over()
+            return
+        stream = self.stream
+        try:
+            status, reason, out, empty = self._response_head(conn)
+            body = b"" if empty else conn.take()
+            if not stream.respond_now(status, reason, out, body):
+                self.first = body
+                self._hand_over()
+                return
+            self.size = len(body)
+            self.reuse = True
+        except (StreamResetError, TunnelClosedError) as exc:
+            self._cancelled(exc)
+        except Exception:
+            self.fwd._log.exception("Proxy message %s: relaying the answer failed", self.message_id)
+            stream.reset(ErrorCode.INTERNAL_ERROR)
+            self.status = 0
+        self._release()
+        self._done()
+        stream.reset(ErrorCode.NO_ERROR)  # as the session does after a handler's task
+
+    def _hand_over(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.on_progress = None
+        self.stream._session.serve(self.stream, self.run())
+
+    # -- in a task -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The exchange in a task, from where it stands (from the start, or from where
+        the callbacks left it)."""
+        fwd = self.fwd
+        pool = fwd._pool
+        stream = self.stream
+        assert pool is not None
+        try:
+            if self.target is None:
+                self.target = _target(self.mapped.url)
+            attempt = 0
+            while True:
+                if self.conn is None:
+                    self._send_head(await pool.acquire(self.target.key, fresh=attempt > 0))
+                conn = self.conn
+                assert conn is not None
                 try:
-                    while not conn.head_done:
-                        await conn.wait()
+                    if self.pump is not None:
+                        await self._wait_head(conn, self.pump)
+                    else:
+                        while not conn.head_done:
+                            await conn.wait()
                     break
                 except UpstreamError:
                     # A kept-alive connection the role closed meanwhile: one retry, fresh.
-                    if attempt or not reused or conn.received_any:
+                    if self.pump is not None or attempt or not self.reused or conn.received_any:
                         raise
-                    watchdog.unwatch(conn)
-                    watched = None
-                    self._pool.release(conn, False)
-                    conn = None
-            assert conn is not None
-            status = conn.status
-            version = conn.parser.get_http_version()
-            reason = conn.reason.decode("latin-1")
-            status_line = f"HTTP/{version} {status} {reason}".rstrip()
-            out = []
-            length: int | None = None
-            for k, v in conn.headers:
-                lk = k.lower()
-                if lk in _HOP_BY_HOP_B:
-                    continue
-                if lk == b"content-length":
-                    try:
-                        length = int(v)
-                    except ValueError:
-                        length = None
-                out.append((k, v))
-            # With no body to follow (HEAD, 204, 304, Content-Length 0), the head ends the stream.
-            empty = method == "HEAD" or status in (204, 304) or length == 0
+                    self._release()
+                    attempt = 1
+            status, reason, out, empty = self._response_head(conn)
             if empty:
                 await stream.send_response(status, reason, out, end_stream=True)
             else:
                 # Small answers (already complete) go out as one head + body + end.
-                first = conn.take()
-                size += len(first)
+                first = conn.take() if self.first is None else self.first
+                self.first = None
+                self.size += len(first)
                 await stream.send_response(status, reason, out, end_stream=conn.complete, body=first)
                 while True:
                     chunk = conn.take()
                     if chunk:
                         await stream.write(chunk)
-                        size += len(chunk)
+                        self.size += len(chunk)
                     elif conn.complete:
                         break
                     else:
                         await conn.wait()
                 await stream.end()  # a no-op when the head carried the end
+            pump = self.pump
             if pump is not None:
                 if not pump.done():
                     pump.cancel()  # the role answered before the whole body: do not reuse
                 elif not pump.cancelled() and pump.exception() is None:
-                    reuse = True
+                    self.reuse = True
             else:
-                reuse = True
+                self.reuse = True
         except (StreamResetError, TunnelClosedError) as exc:
-            self._log.info("Proxy message %s cancelled by the CMG after %d response bytes: %s",
-                           message_id, size, exc)
-            return 0, size
+            self._cancelled(exc)
         except asyncio.TimeoutError:
-            self._log.warning("Proxy message %s to %s timed out: no data from the role for %.0f s",
-                              message_id, mapped.url, self._timeout)
+            fwd._log.warning("Proxy message %s to %s timed out: no data from the role for %.0f s",
+                             self.message_id, self.mapped.url, fwd._timeout)
             stream.reset(ErrorCode.TIMEOUT, "site role timed out")
-            return 0, size
+            self.status = 0
         except (OSError, ValueError, UnicodeError) as exc:
+            self.status = 0
             if stream.reset_code is not None:  # the CMG reset the stream while the body flowed
-                self._log.info("Proxy message %s cancelled by the CMG after %d response bytes: %s",
-                               message_id, size, exc)
-                return 0, size
-            # Before the head: the gateway turns this into a 502; after it, the reset
-            # cuts the client off rather than passing a truncated body as complete.
-            self._log.warning("Proxy message %s to %s failed: %s: %s", message_id, mapped.url,
-                              exc.__class__.__name__, exc)
-            stream.reset(ErrorCode.UPSTREAM_ERROR, "site role failed")
-            return 0, size
+                self._cancelled(exc)
+            else:
+                # Before the head: the gateway turns this into a 502; after it, the reset
+                # cuts the client off rather than passing a truncated body as complete.
+                fwd._log.warning("Proxy message %s to %s failed: %s: %s", self.message_id, self.mapped.url,
+                                 exc.__class__.__name__, exc)
+                stream.reset(ErrorCode.UPSTREAM_ERROR, "site role failed")
+        except BaseException:
+            self.status = 0  # cancelled (the tunnel ended), or a bug the session reports
+            raise
         finally:
-            if watched is not None:
-                watchdog.unwatch(watched)
-            if pump is not None and not pump.done():
-                pump.cancel()
-            if conn is not None:
-                self._pool.release(conn, reuse)
-        if log.isEnabledFor(_INFO):
+            self._release()
+            self._done()
+
+    # -- both ----------------------------------------------------------------------------
+
+    def _response_head(self, conn: _Conn) -> tuple[int, str, list[tuple[bytes, bytes]], bool]:
+        """(status, reason, relayed headers, whether no body follows) of the role's answer."""
+        status = self.status = conn.status
+        reason = conn.reason.decode("latin-1")
+        self.status_line = f"HTTP/{conn.parser.get_http_version()} {status} {reason}".rstrip()
+        out = []
+        length: int | None = None
+        for k, v in conn.headers:
+            lk = k.lower()
+            if lk in _HOP_BY_HOP_B:
+                continue
+            if lk == b"content-length":
+                try:
+                    length = int(v)
+                except ValueError:
+                    length = None
+            out.append((k, v))
+        # With no body to follow (HEAD, 204, 304, Content-Length 0), the head ends the stream.
+        return status, reason, out, self.req.method == "HEAD" or status in (204, 304) or length == 0
+
+    def _cancelled(self, exc: BaseException) -> None:
+        self.fwd._log.info("Proxy message %s cancelled by the CMG after %d response bytes: %s",
+                           self.message_id, self.size, exc)
+        self.status = 0
+
+    def _release(self) -> None:
+        """The connection back to the pool (kept only after a whole exchange), its body's
+        pump stopped, the watchdog off it."""
+        fwd = self.fwd
+        watched, self.watched = self.watched, None
+        if watched is not None:
+            fwd._watchdog.unwatch(watched)
+        pump, self.pump = self.pump, None
+        if pump is not None and not pump.done():
+            pump.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.on_progress = None
+            assert fwd._pool is not None
+            fwd._pool.release(conn, self.reuse)
+
+    def _done(self) -> None:
+        """The exchange's line in the log (when answered) and its traffic counted."""
+        fwd = self.fwd
+        log = fwd._log
+        status = self.status
+        if status and log.isEnabledFor(_INFO):
             log_fast(
                 log, _INFO,
                 "MessageID: %s RequestURI: %s EndpointName: %s ResponseHeader: %s ~~ ResponseBodySize: %d ElapsedTime: %d ms",
-                message_id, req.target, mapped.endpoint, status_line, size, (time.monotonic() - start) * 1000,
+                self.message_id, self.req.target, self.mapped.endpoint, self.status_line, self.size,
+                (time.monotonic() - self.start) * 1000,
             )
-        return status, size
+        traffic = fwd._traffic
+        if traffic is not None:
+            ok = 0 < status < 500 and self.stream.reset_code is None
+            traffic.end(self.mapped.role.role_id, self.mapped.endpoint, ok, self.sent[0], self.size,
+                        time.monotonic() - self.start)
 
     @staticmethod
     async def _wait_head(conn: _Conn, pump: asyncio.Task[None] | None) -> None:

@@ -15,7 +15,10 @@ the websocket as before. Writers of streams queue frames and go on; they wait fo
 writer only once ``FLUSH_AHEAD`` bytes are queued and not yet sent, which carries the
 websocket's backpressure to them (``open_stream(wait_sent=True)`` waits until the head
 has left). One task sends pings and enforces the ping timeout; each incoming request
-(connector side) runs ``on_request(stream)`` in a tracked task.
+(connector side) is given to ``on_request(stream)``: what that returns (a coroutine)
+runs in a tracked task, and None means the handler took the stream without one (driving
+it from callbacks, :meth:`TunnelStream.respond_now`, and :meth:`TunnelSession.serve`
+for a task of its own once it has to wait).
 
 Logging: DEBUG per stream, INFO when a tunnel opens or closes, WARNING when the peer
 broke the protocol, ERROR (with traceback) when our own code failed.
@@ -191,6 +194,28 @@ class TunnelStream:
         await self.write(body)
         if end_stream:
             await self.end()
+
+    def respond_now(self, status: int, reason: str, headers: Headers, body: bytes = b"") -> bool:
+        """Connector side, without a task: the whole response (head, ``body``, end) queued
+        at once, as :meth:`send_response` with ``end_stream`` would, when that needs no
+        wait: the stream's credit covers the body and the writer is not ``FLUSH_AHEAD``
+        behind. False, and nothing queued, when it would wait: use send_response then.
+
+        Raises StreamResetError, TunnelClosedError, StreamClosedError as it does.
+        """
+        self._check_writable()
+        session = self._session
+        protocol = session.protocol
+        if protocol.pending_output >= FLUSH_AHEAD or (body and protocol.available_window(self.stream_id) < len(body)):
+            return False
+        if body:
+            protocol.send_response(self.stream_id, status, reason, headers, False)
+            protocol.send_data(self.stream_id, body, True)
+        else:
+            protocol.send_response(self.stream_id, status, reason, headers, True)
+        session._queue_flush(self)
+        session._forget(self)
+        return True
 
     async def write(self, data: bytes) -> None:
         """Send body bytes, waiting for flow-control credit as needed.
@@ -370,7 +395,7 @@ class TunnelSession:
         *,
         ping_interval: float = 10.0,
         ping_timeout: float = 30.0,
-        on_request: Callable[[TunnelStream], Awaitable[None]] | None = None,
+        on_request: Callable[[TunnelStream], Awaitable[None] | None] | None = None,
         logger: logging.Logger | None = None,
         name: str = "",
     ) -> None:
@@ -823,13 +848,27 @@ class TunnelSession:
             self._forget(stream)
             return
         self.logger.debug("%s: stream %d: %s %s", self.name, event.stream_id, event.method, event.target)
-        task = asyncio.create_task(self._serve(stream, self.on_request), name=f"{self.name} stream {event.stream_id}")
+        try:
+            work = self.on_request(stream)
+        except Exception:
+            self.logger.exception("%s: request handler failed on stream %d", self.name, stream.stream_id)
+            stream.reset(ErrorCode.INTERNAL_ERROR)  # never the exception text on the wire
+            return
+        if work is not None:
+            self.serve(stream, work)
+
+    def serve(self, stream: TunnelStream, work: Awaitable[None]) -> None:
+        """Run ``work``, the handling of ``stream``, in a tracked task: cancelled when the
+        session ends; whatever it raises, or a response it left unfinished, resets the
+        stream. A handler that took a stream without a task hands it over here once it
+        has to wait."""
+        task = asyncio.create_task(self._serve(stream, work), name=f"{self.name} stream {stream.stream_id}")
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
-    async def _serve(self, stream: TunnelStream, handler: Callable[[TunnelStream], Awaitable[None]]) -> None:
+    async def _serve(self, stream: TunnelStream, work: Awaitable[None]) -> None:
         try:
-            await handler(stream)
+            await work
         except asyncio.CancelledError:
             stream.reset(ErrorCode.CANCEL)
             raise
