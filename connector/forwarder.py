@@ -7,10 +7,15 @@ upload never reaches the MP truncated and marked complete.
 
 The pool is lean on purpose (it is the connection point's hot path): plain asyncio
 protocols, one request at a time per connection, responses parsed by ``httptools``
-(llhttp, in C; without it, by the small pure-Python parser in ``connector/_http11.py``). A connection goes back to the pool only after a complete exchange the
-role allows to be kept alive; anything unfinished closes it. A response body is read
+(llhttp, in C; without it, by the small pure-Python parser in ``connector/_http11.py``).
+A connection goes back to the pool only after a complete exchange the role allows to be
+kept alive; anything unfinished closes it. A response body is read
 under backpressure: the connection stops reading while more than ``_HIGH_WATER``
 bytes wait for tunnel credit, so memory stays bounded per stream.
+
+Each stream's exchange is an :class:`_Exchange`. The common one (a request without a
+body, a kept-alive connection free, an answer that arrives whole) runs from callbacks,
+without a task; anything that has to wait goes on in a task from where it stands.
 """
 
 from __future__ import annotations

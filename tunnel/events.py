@@ -7,7 +7,7 @@ order, duplicates kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Final, Union
 
 from .codes import ErrorCode
 
@@ -67,43 +67,99 @@ class WelcomeReceived:
     settings: Settings
 
 
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
-    stream_id: int
-    method: str
-    target: str
-    headers: Headers
-    end_stream: bool
+class _StreamEvent:
+    """What the per-stream events share: values compared, hashed and shown by their
+    fields, as a frozen dataclass's. They come once or more per request, so they are
+    plain classes (compiled to C structs by mypyc, where a dataclass's generated
+    ``__init__`` stays Python); their fields are ``Final``: set once, in ``__init__``."""
+
+    __slots__ = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, _StreamEvent)
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((self.__class__.__name__, self._fields()))
+
+    def __repr__(self) -> str:
+        names: tuple[str, ...] = getattr(self, "__match_args__")
+        values = ", ".join(f"{name}={value!r}" for name, value in zip(names, self._fields()))
+        return f"{self.__class__.__name__}({values})"
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseReceived:
-    stream_id: int
-    status: int
-    reason: str
-    headers: Headers
-    end_stream: bool
+class RequestReceived(_StreamEvent):
+    __slots__ = ("stream_id", "method", "target", "headers", "end_stream")
+    __match_args__ = ("stream_id", "method", "target", "headers", "end_stream")
+
+    def __init__(self, stream_id: int, method: str, target: str, headers: Headers, end_stream: bool) -> None:
+        self.stream_id: Final = stream_id
+        self.method: Final = method
+        self.target: Final = target
+        self.headers: Final = headers
+        self.end_stream: Final = end_stream
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.stream_id, self.method, self.target, self.headers, self.end_stream)
 
 
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    stream_id: int
-    data: bytes
-    end_stream: bool
+class ResponseReceived(_StreamEvent):
+    __slots__ = ("stream_id", "status", "reason", "headers", "end_stream")
+    __match_args__ = ("stream_id", "status", "reason", "headers", "end_stream")
+
+    def __init__(self, stream_id: int, status: int, reason: str, headers: Headers, end_stream: bool) -> None:
+        self.stream_id: Final = stream_id
+        self.status: Final = status
+        self.reason: Final = reason
+        self.headers: Final = headers
+        self.end_stream: Final = end_stream
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.stream_id, self.status, self.reason, self.headers, self.end_stream)
 
 
-@dataclass(frozen=True, slots=True)
-class WindowUpdated:
+class DataReceived(_StreamEvent):
+    __slots__ = ("stream_id", "data", "end_stream")
+    __match_args__ = ("stream_id", "data", "end_stream")
+
+    def __init__(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.stream_id: Final = stream_id
+        self.data: Final = data
+        self.end_stream: Final = end_stream
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.stream_id, self.data, self.end_stream)
+
+
+class WindowUpdated(_StreamEvent):
     """More send credit: for ``stream_id``, or for the whole tunnel when it is 0."""
 
-    stream_id: int
+    __slots__ = ("stream_id",)
+    __match_args__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id: Final = stream_id
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.stream_id,)
 
 
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    stream_id: int
-    code: ErrorCode
-    reason: str
+class StreamReset(_StreamEvent):
+    __slots__ = ("stream_id", "code", "reason")
+    __match_args__ = ("stream_id", "code", "reason")
+
+    def __init__(self, stream_id: int, code: ErrorCode, reason: str) -> None:
+        self.stream_id: Final = stream_id
+        self.code: Final = code
+        self.reason: Final = reason
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.stream_id, self.code, self.reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import Enum
 
 from .codes import ErrorCode, FrameType
@@ -126,17 +125,22 @@ class Role(Enum):
     CONNECTOR = "connector"
 
 
-@dataclass(slots=True)
 class _Stream:
-    stream_id: int
-    send_window: int  # credit we have left to send on this stream
-    recv_window: int  # credit the peer has left to send to us
-    local_open: bool = True
-    remote_open: bool = True
-    head_sent: bool = False  # request head (gateway) or response head (connector)
-    head_received: bool = False
-    unacked: int = 0  # consumed by the application, not yet returned with WINDOW_UPDATE
-    outstanding: int = 0  # received, not yet consumed by the application
+    """One open stream's state (a plain class: one per request, compiled to a C struct)."""
+
+    __slots__ = ("stream_id", "send_window", "recv_window", "local_open", "remote_open", "head_sent",
+                 "head_received", "unacked", "outstanding")
+
+    def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
+        self.stream_id = stream_id
+        self.send_window = send_window  # credit we have left to send on this stream
+        self.recv_window = recv_window  # credit the peer has left to send to us
+        self.local_open = True
+        self.remote_open = True
+        self.head_sent = False  # request head (gateway) or response head (connector)
+        self.head_received = False
+        self.unacked = 0  # consumed by the application, not yet returned with WINDOW_UPDATE
+        self.outstanding = 0  # received, not yet consumed by the application
 
 
 class _Kind(Enum):
@@ -421,13 +425,9 @@ class TunnelProtocol:
                 self._remember_reset(stream_id)
             return
         assert self._peer_settings is not None
-        stream = _Stream(
-            stream_id,
-            send_window=self._peer_settings.stream_window,
-            recv_window=self.limits.stream_window,
-            head_received=True,
-            remote_open=not end_stream,
-        )
+        stream = _Stream(stream_id, self._peer_settings.stream_window, self.limits.stream_window)
+        stream.head_received = True
+        stream.remote_open = not end_stream
         self._streams[stream_id] = stream
         events.append(RequestReceived(stream_id, method, target, headers, end_stream))
 
@@ -624,13 +624,9 @@ class TunnelProtocol:
         if stream_id > MAX_STREAM_ID:
             raise LocalProtocolError("stream ids exhausted; open a new tunnel")
         self._next_stream_id += 2
-        self._streams[stream_id] = _Stream(
-            stream_id,
-            send_window=peer.stream_window,
-            recv_window=self.limits.stream_window,
-            local_open=not end_stream,
-            head_sent=True,
-        )
+        stream = self._streams[stream_id] = _Stream(stream_id, peer.stream_window, self.limits.stream_window)
+        stream.local_open = not end_stream
+        stream.head_sent = True
         self._queue(FrameType.HEADERS, END_STREAM if end_stream else 0, stream_id, head)
         return stream_id
 

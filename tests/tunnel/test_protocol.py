@@ -675,3 +675,22 @@ def test_a_ping_flood_is_a_protocol_error() -> None:
     connector.ping()
     with pytest.raises(ProtocolError, match="ping flood"):
         transfer(connector, gateway)
+
+
+def test_stream_events_are_values() -> None:
+    """The per-stream events are plain classes (see tunnel/events.py), compared, hashed
+    and shown by their fields as the frozen dataclasses they replaced."""
+    head = RequestReceived(1, "GET", "/SMS_MP/.sms_aut?MPLIST", ((b"Accept", b"*/*"),), True)
+    same = RequestReceived(1, "GET", "/SMS_MP/.sms_aut?MPLIST", ((b"Accept", b"*/*"),), True)
+    assert head == same and hash(head) == hash(same) and len({head, same}) == 1
+    for other in (RequestReceived(3, "GET", "/SMS_MP/.sms_aut?MPLIST", ((b"Accept", b"*/*"),), True),
+                  RequestReceived(1, "GET", "/SMS_MP/.sms_aut?MPLIST", (), True),
+                  RequestReceived(1, "GET", "/SMS_MP/.sms_aut?MPLIST", ((b"Accept", b"*/*"),), False),
+                  ResponseReceived(1, 200, "OK", ((b"Accept", b"*/*"),), True)):
+        assert head != other
+    assert DataReceived(1, b"x", True) != DataReceived(1, b"y", True)
+    assert WindowUpdated(0) == WindowUpdated(0) != WindowUpdated(1)
+    assert WindowUpdated(0) != DataReceived(0, b"", False) and WindowUpdated(0) != 0
+    assert StreamReset(1, ErrorCode.CANCEL, "gone") != StreamReset(1, ErrorCode.TIMEOUT, "gone")
+    assert repr(DataReceived(5, b"ab", False)) == "DataReceived(stream_id=5, data=b'ab', end_stream=False)"
+    assert repr(StreamReset(7, ErrorCode.CANCEL, "")).startswith("StreamReset(stream_id=7, code=<ErrorCode.CANCEL")
