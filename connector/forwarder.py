@@ -25,8 +25,8 @@ import logging
 import ssl
 import time
 from collections import deque
-from functools import lru_cache
 from collections.abc import Awaitable, Callable
+from functools import lru_cache
 from typing import Any
 from yarl import URL
 
@@ -518,7 +518,7 @@ class _Exchange:
     task, a coroutine or a future. The moment anything would have to wait (an answer
     still streaming, a role that broke the exchange and the retry on a fresh connection,
     the watchdog, the stream's credit), the exchange goes on in a task from where it
-    stands (:meth:`TunnelSession.serve` of :meth:`run`), so every rule exists once.
+    stands (:meth:`TunnelStream.continue_in_task` of :meth:`run`), so every rule exists once.
     """
 
     __slots__ = ("fwd", "stream", "req", "mapped", "headers", "has_length", "message_id", "start",
@@ -586,7 +586,12 @@ class _Exchange:
         conn = pool.acquire_now(self.target.key)
         if conn is None:
             return False
-        self._send_head(conn)
+        try:
+            self._send_head(conn)
+        except Exception:  # the connection broke under the write: run() starts afresh
+            self.conn = conn
+            self._release()
+            return False
         conn.on_progress = self._progress
         return True
 
@@ -627,7 +632,7 @@ class _Exchange:
         conn = self.conn
         if conn is not None:
             conn.on_progress = None
-        self.stream._session.serve(self.stream, self.run())
+        self.stream.continue_in_task(self.run())
 
     # -- in a task -----------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ websocket's backpressure to them (``open_stream(wait_sent=True)`` waits until th
 has left). One task sends pings and enforces the ping timeout; each incoming request
 (connector side) is given to ``on_request(stream)``: what that returns (a coroutine)
 runs in a tracked task, and None means the handler took the stream without one (driving
-it from callbacks, :meth:`TunnelStream.respond_now`, and :meth:`TunnelSession.serve`
+it from callbacks, :meth:`TunnelStream.respond_now`, and :meth:`TunnelStream.continue_in_task`
 for a task of its own once it has to wait).
 
 Logging: DEBUG per stream, INFO when a tunnel opens or closes, WARNING when the peer
@@ -216,6 +216,11 @@ class TunnelStream:
         session._queue_flush(self)
         session._forget(self)
         return True
+
+    def continue_in_task(self, work: Awaitable[None]) -> None:
+        """Connector side: go on handling this stream, taken without a task, in ``work``
+        run by a task the session tracks (:meth:`TunnelSession.serve`)."""
+        self._session.serve(self, work)
 
     async def write(self, data: bytes) -> None:
         """Send body bytes, waiting for flow-control credit as needed.

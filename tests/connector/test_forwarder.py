@@ -208,3 +208,24 @@ async def test_a_stream_reset_by_the_gateway_meanwhile_drops_the_connection(
         assert await s.get("/whole") == (200, BODY)
         assert s.role.connections == 2  # the cancelled exchange's connection was not kept
         assert s.connector.open_streams == s.gateway.open_streams == 0
+
+
+async def test_a_head_write_that_fails_in_the_callbacks_starts_afresh_in_a_task(
+        monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    send_head = forwarder_module._Exchange._send_head
+    calls: list[int] = []
+
+    def breaks_once(self: forwarder_module._Exchange, conn: forwarder_module._Conn) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the second request's, from the callbacks
+            raise ConnectionResetError("broken under the write")
+        send_head(self, conn)
+
+    monkeypatch.setattr(forwarder_module._Exchange, "_send_head", breaks_once)
+    async with site(monkeypatch, direct) as s:
+        assert await s.get("/whole") == (200, BODY)
+        assert await s.get("/whole") == (200, BODY)
+        assert len(calls) == 3 and len(s.in_task) == 2
+        assert s.role.connections == 2  # the connection it broke on was not kept
+        assert await s.get("/whole") == (200, BODY)
+        assert len(s.in_task) == 2
