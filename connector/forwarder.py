@@ -764,18 +764,17 @@ class _Exchange:
         fwd = self.fwd
         log = fwd._log
         status = self.status
+        elapsed = time.monotonic() - self.start
         if status and log.isEnabledFor(_INFO):
             log_fast(
                 log, _INFO,
                 "MessageID: %s RequestURI: %s EndpointName: %s ResponseHeader: %s ~~ ResponseBodySize: %d ElapsedTime: %d ms",
-                self.message_id, self.req.target, self.mapped.endpoint, self.status_line, self.size,
-                (time.monotonic() - self.start) * 1000,
+                self.message_id, self.req.target, self.mapped.endpoint, self.status_line, self.size, elapsed * 1000,
             )
         traffic = fwd._traffic
         if traffic is not None:
             ok = 0 < status < 500 and self.stream.reset_code is None
-            traffic.end(self.mapped.role.role_id, self.mapped.endpoint, ok, self.sent[0], self.size,
-                        time.monotonic() - self.start)
+            traffic.end(self.mapped.role.role_id, self.mapped.endpoint, ok, self.sent[0], self.size, elapsed)
 
     @staticmethod
     async def _wait_head(conn: _Conn, pump: asyncio.Task[None] | None) -> None:

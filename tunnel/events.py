@@ -76,7 +76,8 @@ class _StreamEvent:
     __slots__ = ()
 
     def _fields(self) -> tuple[object, ...]:
-        raise NotImplementedError
+        names: tuple[str, ...] = getattr(self, "__match_args__")
+        return tuple(getattr(self, name) for name in names)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
@@ -89,7 +90,7 @@ class _StreamEvent:
 
     def __repr__(self) -> str:
         names: tuple[str, ...] = getattr(self, "__match_args__")
-        values = ", ".join(f"{name}={value!r}" for name, value in zip(names, self._fields()))
+        values = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
         return f"{self.__class__.__name__}({values})"
 
 
@@ -104,9 +105,6 @@ class RequestReceived(_StreamEvent):
         self.headers: Final = headers
         self.end_stream: Final = end_stream
 
-    def _fields(self) -> tuple[object, ...]:
-        return (self.stream_id, self.method, self.target, self.headers, self.end_stream)
-
 
 class ResponseReceived(_StreamEvent):
     __slots__ = ("stream_id", "status", "reason", "headers", "end_stream")
@@ -119,9 +117,6 @@ class ResponseReceived(_StreamEvent):
         self.headers: Final = headers
         self.end_stream: Final = end_stream
 
-    def _fields(self) -> tuple[object, ...]:
-        return (self.stream_id, self.status, self.reason, self.headers, self.end_stream)
-
 
 class DataReceived(_StreamEvent):
     __slots__ = ("stream_id", "data", "end_stream")
@@ -131,9 +126,6 @@ class DataReceived(_StreamEvent):
         self.stream_id: Final = stream_id
         self.data: Final = data
         self.end_stream: Final = end_stream
-
-    def _fields(self) -> tuple[object, ...]:
-        return (self.stream_id, self.data, self.end_stream)
 
 
 class WindowUpdated(_StreamEvent):
@@ -145,9 +137,6 @@ class WindowUpdated(_StreamEvent):
     def __init__(self, stream_id: int) -> None:
         self.stream_id: Final = stream_id
 
-    def _fields(self) -> tuple[object, ...]:
-        return (self.stream_id,)
-
 
 class StreamReset(_StreamEvent):
     __slots__ = ("stream_id", "code", "reason")
@@ -157,9 +146,6 @@ class StreamReset(_StreamEvent):
         self.stream_id: Final = stream_id
         self.code: Final = code
         self.reason: Final = reason
-
-    def _fields(self) -> tuple[object, ...]:
-        return (self.stream_id, self.code, self.reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,9 @@ writer only once ``FLUSH_AHEAD`` bytes are queued and not yet sent, which carrie
 websocket's backpressure to them (``open_stream(wait_sent=True)`` waits until the head
 has left). One task sends pings and enforces the ping timeout; each incoming request
 (connector side) is given to ``on_request(stream)``: what that returns (a coroutine)
-runs in a tracked task, and None means the handler took the stream without one (driving
-it from callbacks, :meth:`TunnelStream.respond_now`, and :meth:`TunnelStream.continue_in_task`
-for a task of its own once it has to wait).
+runs in a tracked task, and None means the handler took the stream without one: it
+drives it from callbacks (:meth:`TunnelStream.respond_now`), and hands it to a task of
+its own once it has to wait (:meth:`TunnelStream.continue_in_task`).
 
 Logging: DEBUG per stream, INFO when a tunnel opens or closes, WARNING when the peer
 broke the protocol, ERROR (with traceback) when our own code failed.
@@ -179,18 +179,12 @@ class TunnelStream:
         """
         self._check_writable()
         protocol = self._session.protocol
-        if not body:
-            protocol.send_response(self.stream_id, status, reason, headers, end_stream)
+        if not body or protocol.available_window(self.stream_id) >= len(body):
+            self._queue_response(status, reason, headers, body, end_stream)
             await self._session._flush(self if end_stream else None)
             self._session._forget(self)
             return
         protocol.send_response(self.stream_id, status, reason, headers, False)
-        available = protocol.available_window(self.stream_id)
-        if available >= len(body):
-            protocol.send_data(self.stream_id, body, end_stream)
-            await self._session._flush(self if end_stream else None)
-            self._session._forget(self)
-            return
         await self.write(body)
         if end_stream:
             await self.end()
@@ -208,14 +202,19 @@ class TunnelStream:
         protocol = session.protocol
         if protocol.pending_output >= FLUSH_AHEAD or (body and protocol.available_window(self.stream_id) < len(body)):
             return False
-        if body:
-            protocol.send_response(self.stream_id, status, reason, headers, False)
-            protocol.send_data(self.stream_id, body, True)
-        else:
-            protocol.send_response(self.stream_id, status, reason, headers, True)
+        self._queue_response(status, reason, headers, body, True)
         session._queue_flush(self)
         session._forget(self)
         return True
+
+    def _queue_response(self, status: int, reason: str, headers: Headers, body: bytes, end_stream: bool) -> None:
+        """The head, and ``body`` (which the stream's credit covers) if any, queued with the end if asked."""
+        protocol = self._session.protocol
+        if body:
+            protocol.send_response(self.stream_id, status, reason, headers, False)
+            protocol.send_data(self.stream_id, body, end_stream)
+        else:
+            protocol.send_response(self.stream_id, status, reason, headers, end_stream)
 
     def continue_in_task(self, work: Awaitable[None]) -> None:
         """Connector side: go on handling this stream, taken without a task, in ``work``

@@ -27,7 +27,7 @@ PREFIX = f"/CCM_Proxy_MutualAuth/{ROLE_ID}/SMS_MP"
 BODY = bytes(range(256)) * 4  # 1 KiB
 
 
-class Role_:
+class SiteRole:
     """A site role on loopback whose answers the tests choose by path; it counts the
     connections it accepted and the requests each carried."""
 
@@ -73,7 +73,7 @@ class Role_:
 
 
 class Site:
-    def __init__(self, gateway: TunnelSession, connector: TunnelSession, role: Role_, in_task: list[int]) -> None:
+    def __init__(self, gateway: TunnelSession, connector: TunnelSession, role: SiteRole, in_task: list[int]) -> None:
         self.gateway, self.connector, self.role, self.in_task = gateway, connector, role, in_task
 
     async def get(self, path: str) -> tuple[int, bytes]:
@@ -101,7 +101,7 @@ async def site(monkeypatch: pytest.MonkeyPatch, direct: bool, timeout: float = 6
         return run(self)
 
     monkeypatch.setattr(forwarder_module._Exchange, "run", counted)
-    role = Role_()
+    role = SiteRole()
     server = await asyncio.start_server(role.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     url_map = UrlMap("cmg.contoso.com", (RoleConfig(ROLE_ID, "MP", "SMS_MP", f"http://127.0.0.1:{port}",
@@ -163,7 +163,7 @@ async def test_a_kept_alive_connection_closed_under_the_request_is_retried_fresh
         assert await s.get("/close-second") == (200, BODY)
         assert await s.get("/close-second") == (200, BODY)  # from callbacks, then retried in a task
         assert s.role.connections == 2
-        assert s.role.requests == [f"/SMS_MP/close-second"] * 3
+        assert s.role.requests == ["/SMS_MP/close-second"] * 3
         assert len(s.in_task) == 2
 
 
