@@ -162,7 +162,10 @@ class CMTraceFileHandler(logging.FileHandler):
             self.flush()
             return
         self._flush_scheduled = True
-        loop.call_soon(self._deferred_flush)
+        # Written after the loop has polled once more: an answer that came meanwhile (the
+        # site role's, to the request just forwarded) goes on first, and its line goes
+        # out in the same write.
+        loop.call_soon(loop.call_soon, self._deferred_flush)
 
     def _deferred_flush(self) -> None:
         self._flush_scheduled = False

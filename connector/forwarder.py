@@ -81,6 +81,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.used = False
+        self._feeding = False  # inside data_received
         self._write_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._begin(False)
@@ -98,8 +99,9 @@ class _Conn(asyncio.Protocol):
         self.buffered = 0
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
-        # Or, for an exchange without a task (_Exchange.start_now), called from the loop
-        # (never from inside the parser) after progress.
+        # Or, for an exchange without a task (_Exchange.start_now), called back after
+        # progress: at the end of data_received (never from inside the parser), else
+        # from the loop.
         self.on_progress: Callable[[], None] | None = None
         self._progress_due = False
         self.reading_paused = False
@@ -115,6 +117,23 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.received_any = True
         self.last_activity = self.loop.time()
+        due = self._progress_due  # called back from the loop already
+        self._feeding = True
+        try:
+            self._feed(data)
+        finally:
+            self._feeding = False
+        if self._progress_due and not due:
+            # These bytes made progress: the exchange goes on now, the parser done with
+            # them, without a turn of the loop in between.
+            try:
+                self._call_progress()
+            except Exception as exc:  # as the loop reports a callback's; the connection stays
+                self.loop.call_exception_handler({
+                    "message": "Exception in the exchange's progress callback", "exception": exc, "protocol": self,
+                })
+
+    def _feed(self, data: bytes) -> None:
         if self.complete or self.error is not None:
             # Bytes nobody asked for (after a complete answer): the connection is unusable.
             self._break(UpstreamError("unexpected data from the site role"))
@@ -218,7 +237,8 @@ class _Conn(asyncio.Protocol):
                 waiter.set_result(None)
         elif self.on_progress is not None and not self._progress_due:
             self._progress_due = True
-            self.loop.call_soon(self._call_progress)
+            if not self._feeding:  # else data_received calls back once the parser is done
+                self.loop.call_soon(self._call_progress)
 
     def _call_progress(self) -> None:
         self._progress_due = False

@@ -137,17 +137,22 @@ class TunnelStream:
         return self._session._sent_gen >= self._head_gen
 
     def when_answered(self, callback: Callable[[bool], None], timeout: float | None = None) -> None:
-        """Gateway side, without a task: ``callback(timed_out)`` runs once, from the event
-        loop, when the response head came or the stream failed (then ``False``), or when
-        ``timeout`` seconds passed first (``True``; the stream stays open).
-        :meth:`response_now` then says which. Replaces any callback set before."""
+        """Gateway side, without a task: ``callback(timed_out)`` runs once, never from
+        inside this call, when the response head came or the stream failed (then
+        ``False``), or when ``timeout`` seconds passed first (``True``; the stream stays
+        open). :meth:`response_now` then says which. An answer in a tunnel message calls
+        back as soon as that whole message was handled; anything else, from the event
+        loop. Replaces any callback set before."""
         session = self._session
+        loop = session._loop
+        if loop is None:
+            loop = asyncio.get_running_loop()
         if self._response is not None or self._read_error is not None:
-            asyncio.get_running_loop().call_soon(callback, False)
+            loop.call_soon(callback, False)
             return
         self._on_answer = callback
         if timeout is not None:
-            session._set_deadline(self, asyncio.get_running_loop().time() + timeout)
+            session._set_deadline(self, loop.time() + timeout)
 
     def response_now(self) -> ResponseReceived:
         """The response head, once :meth:`when_answered` called back without a timeout;
@@ -339,12 +344,20 @@ class TunnelStream:
             self._answer(False)
 
     def _answer(self, timed_out: bool) -> None:
-        """Call the when_answered callback back, from the loop: after the whole tunnel
-        message was handled (a response's body and end come after its head)."""
+        """Call the when_answered callback back once the whole tunnel message that
+        answered was handled (a response's body and end come after its head), without a
+        turn of the loop in between; from the loop when no message is being handled (a
+        timeout, a tunnel that closed)."""
         callback, self._on_answer = self._on_answer, None
         assert callback is not None
-        self._session._deadlines.pop(self, None)
-        asyncio.get_running_loop().call_soon(callback, timed_out)
+        session = self._session
+        session._deadlines.pop(self, None)
+        later = session._answer_later
+        if later is not None:
+            later.append((callback, timed_out))
+        else:
+            loop = session._loop
+            (loop if loop is not None else asyncio.get_running_loop()).call_soon(callback, timed_out)
 
     def _wake_writer(self) -> None:
         waiter = self._credit_waiter
@@ -435,6 +448,8 @@ class TunnelSession:
         self._writer_busy = False
         self._backlog: list[bytes] = []
         self._forget_later: list[TunnelStream] | None = None
+        # The when_answered callbacks due once the message being handled is done.
+        self._answer_later: list[tuple[Callable[[bool], None], bool]] | None = None
         self._hello_event = asyncio.Event()
         self._handshake_event = asyncio.Event()
         self._closed_event = asyncio.Event()
@@ -767,6 +782,7 @@ class TunnelSession:
         # the same message must still find its stream (the protocol, which parsed all of
         # it first, has forgotten it already).
         self._forget_later = []
+        self._answer_later = []
         try:
             for event in events:
                 self._handle_event(event)
@@ -779,6 +795,12 @@ class TunnelSession:
             forget, self._forget_later = self._forget_later, None
             for stream in forget:
                 self._forget(stream)
+            answered, self._answer_later = self._answer_later, None
+            for callback, timed_out in answered:
+                try:
+                    callback(timed_out)
+                except Exception:  # as the loop would report it; the other callbacks still run
+                    self.logger.exception("%s: a when_answered callback failed", self.name)
         # Wake the writer only when it has something to do: frames queued in answer
         # (PONG, WINDOW_UPDATE, RESET, CLOSE) or a tunnel that ended. Most messages
         # (a response, a request) queue nothing, and a turn of the writer for nothing

@@ -229,3 +229,52 @@ async def test_a_head_write_that_fails_in_the_callbacks_starts_afresh_in_a_task(
         assert s.role.connections == 2  # the connection it broke on was not kept
         assert await s.get("/whole") == (200, BODY)
         assert len(s.in_task) == 2
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_progress_is_called_back_at_the_end_of_data_received() -> None:
+    """An exchange without a task hears of the role's progress as soon as the bytes that
+    made it were parsed (no turn of the loop in between), once per delivery of bytes, and
+    never from inside the parser; a callback that raises is reported as the loop reports
+    a callback's, and the connection is not broken for it."""
+    loop = asyncio.get_running_loop()
+    conn = forwarder_module._Conn(loop, ("http", "127.0.0.1", 80))
+    transport = _Transport()
+    conn.connection_made(transport)
+    seen: list[tuple[bool, bool]] = []
+    conn.on_progress = lambda: seen.append((conn.head_done, conn.complete))
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Le")
+    assert seen == []  # no progress yet
+    conn.data_received(b"ngth: 4\r\n\r\nab")
+    assert seen == [(True, False)]  # head and first bytes: one call, after the parser was done
+    conn.data_received(b"cd")
+    assert seen == [(True, False), (True, True)]
+    await asyncio.sleep(0)
+    assert len(seen) == 2  # nothing more from the loop
+    assert b"".join(conn.chunks) == b"abcd" and not transport.aborted
+
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        conn._begin(False)
+
+        def fails() -> None:
+            raise RuntimeError("the exchange failed")
+
+        conn.on_progress = fails
+        conn.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")  # does not raise into the transport
+    finally:
+        loop.set_exception_handler(None)
+    assert len(reported) == 1 and isinstance(reported[0]["exception"], RuntimeError)
+    assert conn.complete and not transport.aborted

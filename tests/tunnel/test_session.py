@@ -811,3 +811,44 @@ async def test_when_answered_reports_a_reset_and_a_closed_tunnel() -> None:
         assert not stream.head_sent  # it went nowhere: another tunnel may take it
         with pytest.raises(TunnelClosedError):
             pair.gateway.open_stream_now("GET", "/after", [])
+
+
+async def test_when_answered_calls_back_from_the_handling_of_the_answer() -> None:
+    """The callback runs as soon as the tunnel message with the answer was handled, not a
+    turn of the loop later (here: in the task that handled the message, the session's
+    reader); one that raises is logged, and the others and the session go on."""
+    release = asyncio.Event()
+    arrived = 0
+
+    async def held(stream: TunnelStream) -> None:
+        nonlocal arrived
+        arrived += 1
+        await release.wait()
+        await stream.send_response(204, "No Content", [], end_stream=True)
+
+    async with session_pair(held) as pair:
+        called_in: list[asyncio.Task[object] | None] = []
+
+        def fails(timed_out: bool) -> None:
+            called_in.append(asyncio.current_task())
+            raise RuntimeError("a callback that fails")
+
+        first, second = pair.gateway.open_stream_now("GET", "/a", []), pair.gateway.open_stream_now("GET", "/b", [])
+        first.when_answered(fails, 5)
+        fired = asyncio.get_running_loop().create_future()
+
+        def answered(timed_out: bool) -> None:
+            called_in.append(asyncio.current_task())
+            fired.set_result(timed_out)
+
+        second.when_answered(answered, 5)
+        while arrived < 2:
+            await asyncio.sleep(0.01)
+        release.set()
+        assert await asyncio.wait_for(fired, 5) is False
+        assert len(called_in) == 2
+        assert all(task is not None and task.get_name() == "gw tunnel reader" for task in called_in)
+        assert first.response_now().status == second.response_now().status == 204
+        third = pair.gateway.open_stream_now("GET", "/c", [])
+        assert await _answered(third, 5) is False  # the session goes on
+        assert third.response_now().status == 204
