@@ -106,23 +106,27 @@ def server_tls(certs: Path) -> nginx_conf.TLSFiles:
 
 
 def cmg_overrides(certs: Path, backend_url: str, instances: int,
-                  max_connections: int = 20000, connectors: int = 2) -> dict[str, dict[str, object]]:
+                  max_connections: int = 20000, connectors: int = 2,
+                  taken: set[int] | None = None) -> dict[str, dict[str, object]]:
     """Stack overrides: the DP role points at the backend; MP and SUP stay on the mock site.
 
     Roles given here replace the default roles, so all three are listed; the mock site
-    gets fixed free ports so that the MP and SUP URLs are right.
+    gets fixed free ports so that the MP and SUP URLs are right. Every port chosen is
+    told from the others (and from ``taken``, to which they are added): each is free
+    when chosen, and nothing binds them until the stack starts.
     """
-    mp_port, sup_port, dp_port = free_port(), free_port(), free_port()
+    taken = set() if taken is None else taken
+    mp_port, sup_port, dp_port = free_port(avoid=taken), free_port(avoid=taken), free_port(avoid=taken)
     return {
         # Monitoring ports too: their defaults clash with any other stack on the machine.
-        "service": {"tunnel_base_port": free_port_run(instances), "max_connections": max_connections,
-                    "monitoring_base_port": free_port_run(instances)},
-        "connection_point": {"monitoring_base_port": free_port_run(connectors)},
+        "service": {"tunnel_base_port": free_port_run(instances, avoid=taken), "max_connections": max_connections,
+                    "monitoring_base_port": free_port_run(instances, avoid=taken)},
+        "connection_point": {"monitoring_base_port": free_port_run(connectors, avoid=taken)},
         "certificates": {"dir": str(certs)},
         "site": {
             # The mock Entra ID tenant's port too: its default (8006) may be taken by
             # another stack on the machine.
-            "mp_port": mp_port, "sup_port": sup_port, "dp_port": dp_port, "entra_port": free_port(),
+            "mp_port": mp_port, "sup_port": sup_port, "dp_port": dp_port, "entra_port": free_port(avoid=taken),
             "roles": [
                 {"role_id": ROLE_ID_BASE + 3, "kind": "MP", "name": "MP01",
                  "internal_url": f"http://127.0.0.1:{mp_port}"},
@@ -148,9 +152,10 @@ def cmg(shared: Shared, instances: int, connectors: int) -> Iterator[Running]:
     name = f"cmg-{instances}i{connectors}c"
     d = shared.workdir / name
     d.mkdir(parents=True, exist_ok=True)
-    stack = Stack(d, port=free_port(), instances=instances, connectors=connectors,
+    taken: set[int] = set()
+    stack = Stack(d, port=free_port(avoid=taken), instances=instances, connectors=connectors,
                   overrides=cmg_overrides(shared.certs, f"http://127.0.0.1:{shared.backend.http_port}",
-                                          instances, shared.max_client_connections, connectors))
+                                          instances, shared.max_client_connections, connectors, taken))
     stack.start()
     try:
         def pids(kind: str) -> Callable[[], list[int]]:

@@ -98,14 +98,16 @@ def free_port(host: str = "127.0.0.1", avoid: "set[int] | None" = None) -> int:
     raise LaunchError(f"found no free port on {host}")
 
 
-def free_port_run(count: int, host: str = "127.0.0.1") -> int:
-    """A base port such that base .. base+count-1 are all free now."""
+def free_port_run(count: int, host: str = "127.0.0.1", avoid: "set[int] | None" = None) -> int:
+    """A base port such that base .. base+count-1 are all free now (and none in
+    ``avoid``, ports already chosen, to which they are added)."""
     for _ in range(200):
         base = free_port(host)
-        if base + count > 65535:
+        run = range(base, base + count)
+        if base + count > 65535 or (avoid and not avoid.isdisjoint(run)):
             continue
         ok = True
-        for p in range(base, base + count):
+        for p in run:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 try:
                     s.bind((host, p))
@@ -113,6 +115,8 @@ def free_port_run(count: int, host: str = "127.0.0.1") -> int:
                     ok = False
                     break
         if ok:
+            if avoid is not None:
+                avoid.update(run)
             return base
     raise LaunchError(f"found no run of {count} free ports on {host}")
 
@@ -196,14 +200,11 @@ class Stack:
         if self.ephemeral or self.port == 0:
             taken: set[int] = set()
             service["client_port"] = free_port(bind, taken)
-            service["tunnel_base_port"] = free_port_run(first.instances, bind)
-            service["monitoring_base_port"] = free_port_run(first.instances, first.monitoring_bind)
-            taken |= set(range(service["tunnel_base_port"], service["tunnel_base_port"] + first.instances))
-            taken |= set(range(service["monitoring_base_port"], service["monitoring_base_port"] + first.instances))
+            service["tunnel_base_port"] = free_port_run(first.instances, bind, taken)
+            service["monitoring_base_port"] = free_port_run(first.instances, first.monitoring_bind, taken)
             cp_raw = raw.setdefault("connection_point", {})
-            cp_raw["monitoring_base_port"] = free_port_run(len(first.connection_point_names), first.cp_monitoring_bind)
-            taken |= set(range(cp_raw["monitoring_base_port"],
-                               cp_raw["monitoring_base_port"] + len(first.connection_point_names)))
+            cp_raw["monitoring_base_port"] = free_port_run(len(first.connection_point_names),
+                                                           first.cp_monitoring_bind, taken)
             site = raw.setdefault("site", {})
             # Chosen now rather than 0 (the site's pick) so that every process can be
             # started at once, all reading one configuration.

@@ -7,6 +7,7 @@ from pathlib import Path
 from bench import nginx_conf, profile, ssh_conf
 from bench.scenarios import DP_ROLE_ID, cmg_overrides
 from cmg import config as cfg
+from cmg.launcher import free_port_run
 
 TLS = nginx_conf.TLSFiles(Path("/w/certs/server.pem"), Path("/w/certs/server.key"), Path("/w/certs/cas.pem"))
 
@@ -62,6 +63,27 @@ def test_cmg_overrides_point_the_dp_at_the_backend_and_validate(tmp_path: Path) 
     assert dp.role_id == DP_ROLE_ID and dp.internal_url == "http://127.0.0.1:8080"
     assert dp.endpoints == ("SMS_DP_SMSPKG$",)
     assert kinds["MP"].internal_url == f"http://127.0.0.1:{o['site']['mp_port']}"
+
+
+def test_cmg_overrides_choose_every_port_apart(tmp_path: Path) -> None:
+    """Each port, and each port of a run, told from the others and from those taken
+    already: nothing binds them until the stack starts, so a bind check alone cannot."""
+    taken = {20000}
+    for _ in range(50):
+        o = cmg_overrides(tmp_path / "certs", "http://127.0.0.1:8080", instances=4, connectors=4, taken=taken)
+        site, service, cp = o["site"], o["service"], o["connection_point"]
+        ports = [site[k] for k in ("mp_port", "sup_port", "dp_port", "entra_port")]  # type: ignore[index]
+        for base in (service["tunnel_base_port"], service["monitoring_base_port"], cp["monitoring_base_port"]):
+            ports += range(base, base + 4)  # type: ignore[operator]
+        assert len(set(ports)) == len(ports) == 16
+        assert set(ports) <= taken and len(taken) == 1 + 16 * (_ + 1)
+
+
+def test_free_port_run_avoids_ports_chosen_already() -> None:
+    taken: set[int] = set()
+    bases = [free_port_run(3, avoid=taken) for _ in range(100)]
+    runs = [set(range(b, b + 3)) for b in bases]
+    assert len(taken) == 300 and set().union(*runs) == taken
 
 
 def test_profile_summary_of_collapsed_stacks() -> None:
