@@ -40,6 +40,7 @@ _READ_SIZE = 256 * 1024
 # Plaintext handed on per reader callback. A fast uploader refills the socket as fast
 # as it is read; the poll is level-triggered, so the rest waits for the next turn.
 _READ_BUDGET = 256 * 1024
+_FULL_RECORD = 16384  # the most plaintext a TLS record carries
 _HIGH_WATER = 64 * 1024  # asyncio's and uvloop's defaults
 _ACCEPT_BATCH = 256
 _ACCEPT_RETRY_DELAY = 1.0  # as asyncio, after EMFILE and the like
@@ -224,6 +225,12 @@ class TLSServerTransport(asyncio.Transport):
             if n > 0:
                 chunks.append(_ffi.buffer(_BUFFER, n)[:])
                 total += n
+                if n < _FULL_RECORD:
+                    # A record shorter than the most one can hold: the client wrote no more
+                    # than this for now (a request, its last bytes). It goes up at once,
+                    # without a read that would only say EAGAIN; if more is there, the
+                    # (level-triggered) poll says so.
+                    break
                 if total < _READ_BUDGET:
                     continue
                 if _lib.SSL_pending(ssl) > 0:  # decrypted and held inside OpenSSL: no poll will say so

@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 import warnings
 from typing import Any, Awaitable, Callable
 
@@ -82,12 +83,14 @@ class App(asyncio.Protocol):
         self.pause_reading_above = pause_reading_above
         self.close_after_send = False
         self.eof_keep_open: bool | None = None
+        self.deliveries: list[int] = []  # the size of each data_received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.events.append("made")
 
     def data_received(self, data: bytes) -> None:
+        self.deliveries.append(len(data))
         self.received += data
         if self.pause_reading_above and len(self.received) > self.pause_reading_above:
             self.transport.pause_reading()
@@ -454,3 +457,42 @@ def test_close_notify_reaches_a_blocking_client(pkiset):
 
     run("uvloop", main)
     assert result["got"] == 300000
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_short_record_goes_up_at_once_and_full_ones_are_gathered(pkiset, loop_kind):
+    """A record shorter than a full one (16 KiB) is handed to the app as soon as it is
+    read, without reading on until the socket is empty: two small records that arrive in
+    one TCP segment go up one by one, in order. Full records are gathered up to the read
+    budget, so a body does not cost a turn per record."""
+    async def main() -> None:
+        server = Server(pkiset, app_factory=lambda: App(sink=True))
+        await server.listener.start_serving()
+        body = os.urandom(1024 * 1024)
+        sent = threading.Event()
+
+        def client() -> None:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+                with client_ssl(pkiset).wrap_socket(raw, server_hostname=SERVICE) as tls:
+                    tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    tls.sendall(b"first\n")
+                    tls.sendall(b"second\n")  # a record of its own, in the same segment
+                    tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                    time.sleep(0.3)
+                    tls.sendall(body)  # 16 KiB records
+                    time.sleep(0.5)
+            sent.set()
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        app = await server.app()
+        while len(app.received) < 13 + len(body):
+            await asyncio.sleep(0.01)
+        assert app.deliveries[:2] == [6, 7]
+        assert bytes(app.received) == b"first\nsecond\n" + body
+        assert max(app.deliveries[2:]) > 16384  # full records gathered
+        await asyncio.get_running_loop().run_in_executor(None, sent.wait, 20)
+        thread.join()
+        server.listener.close()
+
+    run(loop_kind, main)
