@@ -71,14 +71,16 @@ class CMTraceFileHandler(logging.FileHandler):
     ``FileHandler`` flushes after every record; a connection point writes three lines
     per request, so under load that is three ``write`` system calls per request. Here a
     record is written to the file object at once (in order, whole lines) and the flush
-    is deferred to the end of the current event-loop iteration: a burst of records costs
-    one system call, and a reader of the file still sees every line a moment later.
-    Outside an event loop every record is flushed at once, as before.
+    is deferred until the loop has polled once more (see ``_schedule_flush``): a burst of
+    records costs one system call, and a reader of the file still sees every line a
+    moment later. Outside an event loop every record is flushed at once, as before.
     """
 
     def __init__(self, filename: Path, *args: Any, max_bytes: int = 0, **kwargs: Any) -> None:
         super().__init__(filename, *args, **kwargs)
         self._flush_scheduled = False
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_thread = 0
         # Size-based rollover as ConfigMgr does it: past max_bytes the file becomes
         # NAME.lo_ (one history file, replaced each time) and a new NAME.log begins.
         self._max_bytes = max_bytes
@@ -122,7 +124,8 @@ class CMTraceFileHandler(logging.FileHandler):
         formatter: CMTraceFormatter = self.formatter  # type: ignore[assignment]
         created = time.time()  # and its milliseconds, as LogRecord takes them
         thread = threading.get_ident()
-        self.acquire()
+        lock = self.lock  # taken as Handler.handle takes it
+        lock.acquire()  # type: ignore[union-attr]
         try:
             # Formatted under the lock, as a record is: the formatter caches per second.
             line = formatter.line(text, level, created, int((created - int(created)) * 1000), thread,
@@ -135,8 +138,8 @@ class CMTraceFileHandler(logging.FileHandler):
             self.handleError(logging.LogRecord(name, level, "", 0, msg, args, None))
             return True
         finally:
-            self.release()
-        self._schedule_flush()
+            lock.release()  # type: ignore[union-attr]
+        self._schedule_flush(thread)
         return True
 
     def _append(self, msg: str) -> bool:
@@ -153,14 +156,21 @@ class CMTraceFileHandler(logging.FileHandler):
                 self._roll_over()
         return True
 
-    def _schedule_flush(self) -> None:
+    def _schedule_flush(self, thread: int | None = None) -> None:
         if self._flush_scheduled:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
+        # The loop running in this thread: the one found last time while it still runs
+        # here (asyncio.get_running_loop() makes a getpid system call each time).
+        if thread is None:
+            thread = threading.get_ident()
+        loop = self._flush_loop
+        if loop is None or self._flush_thread != thread or not loop.is_running():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._flush_loop, self._flush_thread = loop, thread
         self._flush_scheduled = True
         # Written after the loop has polled once more: an answer that came meanwhile (the
         # site role's, to the request just forwarded) goes on first, and its line goes

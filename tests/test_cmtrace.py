@@ -99,3 +99,32 @@ def test_log_fast_rolls_over(tmp_path):
     numbers = [int(n) for n in re.findall(r"RequestCount: (\d+)\]", history + current)]
     assert numbers == sorted(numbers) and numbers[-1] == 199
     logging.getLogger("t.fastroll").handlers.clear()
+
+
+def test_lines_are_flushed_by_each_loop_and_without_one(tmp_path):
+    """In a loop, a turn's lines reach the file within the next turns (after one more
+    poll); in a second loop after the first closed, and from a thread without a loop,
+    just the same (the loop used last time is not reused once it stopped)."""
+    import asyncio
+    import threading
+
+    from cmg.cmtrace import log_fast
+
+    log = open_log("t.flush", tmp_path / "L.log", "SMS_Cloud_ProxyConnector")
+    path = tmp_path / "L.log"
+
+    async def turns(text: str) -> list[str]:
+        log_fast(log, logging.INFO, "%s", text)
+        log.info("%s again", text)
+        assert text not in path.read_text()  # not at once: the flush waits for the loop
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return path.read_text().splitlines()
+
+    assert len(asyncio.run(turns("first"))) == 2
+    assert len(asyncio.run(turns("second"))) == 4
+    thread = threading.Thread(target=lambda: log_fast(log, logging.INFO, "from a thread"))
+    thread.start()
+    thread.join()
+    assert "from a thread" in path.read_text()  # no loop there: flushed at once
+    logging.getLogger("t.flush").handlers.clear()
