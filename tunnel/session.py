@@ -144,9 +144,7 @@ class TunnelStream:
         back as soon as that whole message was handled; anything else, from the event
         loop. Replaces any callback set before."""
         session = self._session
-        loop = session._loop
-        if loop is None:
-            loop = asyncio.get_running_loop()
+        loop = session._event_loop()
         if self._response is not None or self._read_error is not None:
             loop.call_soon(callback, False)
             return
@@ -238,7 +236,7 @@ class TunnelStream:
             available = protocol.available_window(self.stream_id)
             if available == 0:
                 self._session._credit_waiters.add(self)
-                waiter = self._credit_waiter = asyncio.get_running_loop().create_future()
+                waiter = self._credit_waiter = self._session._event_loop().create_future()
                 try:
                     await waiter
                 finally:
@@ -320,7 +318,7 @@ class TunnelStream:
 
     async def _wait_readable(self, timeout: float | None = None) -> None:
         """Until woken; TimeoutError after ``timeout`` s (the tunnel's deadline timer, not a wait_for task)."""
-        loop = asyncio.get_running_loop()
+        loop = self._session._event_loop()
         waiter = self._read_waiter = loop.create_future()
         if timeout is None:
             try:
@@ -356,8 +354,7 @@ class TunnelStream:
         if later is not None:
             later.append((callback, timed_out))
         else:
-            loop = session._loop
-            (loop if loop is not None else asyncio.get_running_loop()).call_soon(callback, timed_out)
+            session._event_loop().call_soon(callback, timed_out)
 
     def _wake_writer(self) -> None:
         waiter = self._credit_waiter
@@ -914,13 +911,19 @@ class TunnelSession:
                 # The response is complete; drop any request body nobody read.
                 stream.reset(ErrorCode.NO_ERROR)
 
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the session runs in: kept once run() started (asyncio.get_running_loop()
+        makes a getpid system call each time)."""
+        loop = self._loop
+        return loop if loop is not None else asyncio.get_running_loop()
+
     def _set_deadline(self, stream: TunnelStream, deadline: float) -> None:
         self._deadlines[stream] = deadline
         if deadline < self._deadline_at:
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
             self._deadline_at = deadline
-            self._deadline_timer = asyncio.get_running_loop().call_at(deadline, self._expire_deadlines)
+            self._deadline_timer = self._event_loop().call_at(deadline, self._expire_deadlines)
 
     def _expire_deadlines(self) -> None:
         """The timer of the earliest deadline: time out every wait that is due, and set
@@ -930,7 +933,7 @@ class TunnelSession:
         deadlines = self._deadlines
         if not deadlines:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop()
         now = loop.time()
         for stream in [stream for stream, deadline in deadlines.items() if deadline <= now]:
             del deadlines[stream]
