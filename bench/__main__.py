@@ -18,7 +18,7 @@ from tunnel import compiled
 
 from . import hops
 from . import profile as profiling
-from . import report, scenarios, sysdeps, workloads
+from . import machine, report, scenarios, sysdeps, workloads
 from .idle import raise_nofile
 from .load import GeneratorError, Generators, build_shim
 from .servers import Backend, ServerError
@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir.chmod(0o755)
     rows: list[workloads.Row] = []
     backend: Backend | None = None
+    measured_on = machine.describe(tools)
     try:
         progress(f"work folder {workdir}; scenarios {', '.join(names)}; workloads {', '.join(chosen)}; "
                  f"{settings.seconds:g} s x {settings.reps} per measurement")
+        progress(f"machine: {machine.summary(measured_on)}")
         progress(f"tunnel core: {tunnel_core()}")
         certs = workdir / "certs"
         scenarios.init_pki(certs)
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     print("x nginx / x direct: req/s (MB/s for the 100 MiB transfers) relative to the same workload "
           "through nginx / straight to the backend.")
     if args.json:
-        report.write_json(rows, args.json)
+        report.write_json(rows, args.json, measured_on)
         print(f"JSON: {args.json}")
     if args.plot:
         from .plot import plot

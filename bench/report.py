@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .stats import ratio
 from .workloads import Row
@@ -38,19 +38,22 @@ def add_ratios(rows: Sequence[Row]) -> None:
             setattr(r, attr, round(value, 3) if value is not None else None)
 
 
-def to_json(rows: Iterable[Row]) -> list[dict[str, Any]]:
+def to_json(rows: Iterable[Row], machine: Mapping[str, object] | None = None) -> list[dict[str, Any]]:
+    """The rows as JSON objects; each carries ``machine`` (what it was measured on) when given."""
     out = []
     for r in rows:
         obj = r.as_json()
         for k, v in obj.items():
             if isinstance(v, float):
                 obj[k] = None if math.isnan(v) else round(v, 4)
+        if machine is not None:
+            obj["machine"] = dict(machine)
         out.append(obj)
     return out
 
 
-def write_json(rows: Sequence[Row], path: Path) -> None:
-    path.write_text(json.dumps(to_json(rows), indent=2) + "\n")
+def write_json(rows: Sequence[Row], path: Path, machine: Mapping[str, object] | None = None) -> None:
+    path.write_text(json.dumps(to_json(rows, machine), indent=2) + "\n")
 
 
 def _num(v: float | None, digits: int = 0) -> str:
