@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from cmg import allocator
 from tunnel import compiled
 
 from . import hops
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         needed.append("tcpdump")
     if "ssh-tunnel" in names:
         needed += ["sshd", "ssh", "ssh-keygen"]
+    if any(n.startswith("cmg") for n in names) and allocator.choice(os.environ) != "glibc":
+        needed.append("mimalloc")  # what the stack runs with when it is installed (cmg/allocator.py)
     try:
         tools = sysdeps.ensure(needed, log=progress)
     except sysdeps.MissingTool as exc:

@@ -169,11 +169,18 @@ def cmg(shared: Shared, instances: int, connectors: int) -> Iterator[Running]:
         yield Running(name, target,
                       {"gateway": pids("gateway"), "connector": pids("connector"),
                        "backend": lambda: [be.nginx.proc.pid]},
-                      f"gateway x{instances} -> tunnel -> connection point x{connectors} -> backend",
+                      f"gateway x{instances} -> tunnel -> connection point x{connectors} -> backend "
+                      f"(memory allocator: {_allocators(stack)})",
                       nocert=nocert, mp_prefix=f"/CCM_Proxy_MutualAuth/{MP_ROLE_ID}", serving_group="gateway",
                       mix_groups={"site": pids("site")})
     finally:
         stack.stop()
+
+
+def _allocators(stack: Stack) -> str:
+    """What the stack's gateways and connection points say they run with (their READY lines)."""
+    seen = sorted({str(p.ready.get("allocator", "?")) for p in stack.processes if p.kind in ("gateway", "connector")})
+    return ", ".join(seen)
 
 
 def _mix_site(shared: Shared, name: str) -> MockSite | None:

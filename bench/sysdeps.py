@@ -7,6 +7,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from cmg import allocator
+
 
 class MissingTool(Exception):
     """A program the benchmark needs is not installed and cannot be installed here."""
@@ -17,6 +19,7 @@ class Tool:
     program: str
     package: str  # Debian package that provides it
     candidates: tuple[str, ...] = ()  # absolute paths tried when it is not on PATH
+    library: bool = False  # a shared library: found among the candidates, not run
 
 
 TOOLS = {
@@ -29,16 +32,18 @@ TOOLS = {
     "gcc": Tool("gcc", "gcc", ("/usr/bin/gcc",)),
     "taskset": Tool("taskset", "util-linux", ("/usr/bin/taskset",)),
     "tcpdump": Tool("tcpdump", "tcpdump", ("/usr/bin/tcpdump", "/usr/sbin/tcpdump")),
+    # A library, not a program: the CMG stack's allocator (cmg/allocator.py).
+    "mimalloc": Tool("libmimalloc.so.2", allocator.PACKAGE, allocator.library_candidates(), library=True),
 }
 
 
 def find(program: str) -> str | None:
     tool = TOOLS[program]
-    found = shutil.which(tool.program)
+    found = None if tool.library else shutil.which(tool.program)
     if found:
         return found
     for path in tool.candidates:
-        if os.access(path, os.X_OK):
+        if os.path.isfile(path) if tool.library else os.access(path, os.X_OK):
             return path
     return None
 

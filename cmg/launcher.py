@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import allocator
 from . import config as cfg
 from . import pki
 
@@ -250,6 +251,7 @@ class Stack:
         err = open(p.stderr_path, "a", encoding="utf-8")
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        allocator.environment(env)
         p.proc = subprocess.Popen(
             p.argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True,
             cwd=self.dir, env=env, start_new_session=True,
@@ -315,6 +317,11 @@ class Stack:
         self._stop_event = threading.Event()
 
     def _start(self) -> None:
+        try:
+            self.notes.append(allocator.describe())
+            allocator.environment({**os.environ})  # CMG_ALLOCATOR=mimalloc without it: say so now
+        except allocator.AllocatorError as exc:
+            raise LaunchError(str(exc)) from None
         raw, deployment = self._resolve()
         certs_dir = deployment.certs_dir
         names = deployment.connection_point_names

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
+from . import allocator
 from .config import ConfigError, Deployment, load
 
 
@@ -79,7 +80,7 @@ def run_component(make: Callable[[], Component], ready: Callable[[Component], di
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         tune_process()
-        print("READY " + json.dumps(ready(component)), flush=True)
+        print("READY " + json.dumps({**ready(component), "allocator": allocator.in_use()}), flush=True)
         await stop.wait()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)  # a second signal ends it at once

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cmg import allocator
+
 CONFIG = Path(os.environ.get("CMG_CONFIG", "/opt/cmg/deployment.toml"))
 DEPLOYMENT = Path(os.environ.get("CMG_DIR", "/deployment"))
 CLIENT_KIT = Path(os.environ.get("CMG_CLIENT_KIT", "/client-kit"))
@@ -88,7 +90,13 @@ def write_state(state: dict[str, object]) -> None:
 def supervise(kind: str, argv: list[str]) -> int:
     state: dict[str, object] = {"kind": kind, "ready": False, "connected": []}
     write_state(state)
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        env = allocator.environment(dict(os.environ, PYTHONUNBUFFERED="1"))
+    except allocator.AllocatorError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(allocator.describe(), file=sys.stderr, flush=True)
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
 
     def forward(sig: int, _frame: object) -> None:
         if child.poll() is None:

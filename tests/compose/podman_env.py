@@ -106,7 +106,9 @@ def ensure_base_image(env: dict[str, str], root: Path = ROOT) -> float:
     shutil.rmtree(rootfs, ignore_errors=True)
     say("building the stand-in for python:3.11-slim with debootstrap (once; about a minute)")
     subprocess.run(["debootstrap", "--variant=minbase",
-                    "--include=python3,python3-venv,python3-pip,ca-certificates",
+                    # libmimalloc2.0: the Dockerfile installs it with apt-get when the base lacks it
+                    # (the official image); here it comes with the base, so the build needs no apt.
+                    "--include=python3,python3-venv,python3-pip,ca-certificates,libmimalloc2.0",
                     "bookworm", str(rootfs), "http://deb.debian.org/debian"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900)
     # Make it look like the official image where the Dockerfile cares: python and pip on

@@ -146,6 +146,15 @@ def test_every_service_is_healthy_and_init_completed(deployment: Deployment) -> 
         assert deployment.health(s) == "healthy", ps
 
 
+def test_components_run_with_mimalloc(deployment: Deployment) -> None:
+    """The image installs mimalloc and the entry point preloads it (cmg/allocator.py)."""
+    probe = ("import glob; print(sorted(open(p).read().count('libmimalloc') > 0 "
+             "for p in glob.glob('/proc/[0-9]*/maps')))")
+    for service in LONG_RUNNING:
+        r = deployment.exec(service, "python", "-c", probe)
+        assert r.returncode == 0 and "True" in r.stdout, f"{service}: {r.stdout} {r.stderr}"
+
+
 def test_client_profile_runs_a_cycle(deployment: Deployment) -> None:
     r = deployment.compose("run", "--rm", "client", check=False, timeout=300)
     assert r.returncode == 0, f"client cycle failed:\n{r.stdout[-4000:]}\n{r.stderr[-3000:]}"

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from clientsim.client import InternetClient
+from cmg import allocator
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +51,7 @@ def test_cmg_up_serves_a_client_cycle_and_stops_cleanly_on_ctrl_c(tmp_path):
         out, _ = up.communicate(timeout=60)
         assert up.returncode == 0, out
         assert "stopped" in out
+        assert f"cmg: {allocator.describe()}" in out  # what the components run with, said once
         time.sleep(0.2)
         assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         logs = [(tmp_path / d["logs_dir"] / f"CMGService_IN_{i}.log").read_text() for i in range(2)]
@@ -65,6 +67,13 @@ def test_cmg_up_serves_a_client_cycle_and_stops_cleanly_on_ctrl_c(tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_every_component_says_which_allocator_it_runs_with(single):
+    """mimalloc when installed (and CMG_ALLOCATOR is not glibc), from /proc/self/maps."""
+    expected = "mimalloc" if "mimalloc" in allocator.environment(dict(os.environ)).get("LD_PRELOAD", "") else "glibc"
+    said = {p.name: p.ready.get("allocator") for p in single.stack.processes}
+    assert set(said) >= {"mock_site", "connector-CMGCP01"} and set(said.values()) == {expected}, said
 
 
 async def test_client_cycle_in_process_and_refused_without_certificate(single):
