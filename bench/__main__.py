@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         names = scenarios.select(args.only)
         chosen = workloads.select(args.workloads)
         conns = tuple(int(c) for c in args.connections.split(",")) if args.connections else workloads.DEFAULT_CONNECTIONS
+        alloc = allocator.choice(os.environ)
     except ValueError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         needed.append("tcpdump")
     if "ssh-tunnel" in names:
         needed += ["sshd", "ssh", "ssh-keygen"]
-    if any(n.startswith("cmg") for n in names) and allocator.choice(os.environ) != "glibc":
+    if any(n.startswith("cmg") for n in names) and alloc != "glibc":
         needed.append("mimalloc")  # what the stack runs with when it is installed (cmg/allocator.py)
     try:
         tools = sysdeps.ensure(needed, log=progress)

@@ -32,7 +32,7 @@ PACKAGE = "libmimalloc2.0"  # Debian's
 _NAMES = ("libmimalloc.so.2", "libmimalloc.so")
 
 
-class AllocatorError(Exception):
+class AllocatorError(ValueError):
     """``CMG_ALLOCATOR`` names an unknown allocator, or one that is not installed."""
 
 

@@ -65,3 +65,16 @@ def test_a_process_started_with_the_environment_runs_with_mimalloc() -> None:
         env = allocator.environment(dict(os.environ, **{allocator.ENV: choice}))
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected, out.stderr
+
+
+def test_a_bad_choice_stops_the_bench_and_the_launcher_with_the_reason(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import main as bench_main
+    from cmg.launcher import LaunchError, Stack
+
+    monkeypatch.setenv(allocator.ENV, "tcmalloc")
+    assert bench_main(["--only", "cmg-1i1c", "--workloads", "get-1k"]) == 2
+    assert "CMG_ALLOCATOR='tcmalloc'" in capsys.readouterr().err
+    with pytest.raises(LaunchError, match="CMG_ALLOCATOR"):
+        Stack(tmp_path, port=0).start()
