@@ -1,4 +1,4 @@
-"""The system programs the benchmark runs, installed with apt-get when missing."""
+"""The system programs the benchmark runs (and mimalloc, for `./cmgw` too), installed with apt-get when missing."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def ensure(programs: list[str], log=print) -> dict[str, str]:
             raise MissingTool(
                 f"missing {', '.join(missing)}; install them first: sudo apt-get install {' '.join(packages)}"
             )
-        log(f"bench: installing {' '.join(packages)} (apt-get)")
+        log(f"installing {' '.join(packages)} (apt-get)")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
         if subprocess.run(install, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
